@@ -1,0 +1,255 @@
+"""Reading and writing Hugging Face checkpoint directories.
+
+Load order: `model.safetensors`, a sharded `model.safetensors.index.json`, and only when neither
+exists `pytorch_model.bin` (through `torch.load(weights_only=True)`, so no pickled code runs).
+Errors are one line and say what to do: a missing path, a hub id while offline, unknown model types,
+missing/unexpected tensor names (listed), shape mismatches (the tensor named).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+
+from kdjax.hub.families import IGNORED_SUFFIXES, WeightRow, tied_names, weight_table
+from kdjax.models.config import ModelConfig
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PYTORCH_BIN = "pytorch_model.bin"
+PYTORCH_INDEX = "pytorch_model.bin.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read into the requested model."""
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or os.sep + os.sep in name or name.count("/") > 1 or os.path.isabs(name)
+
+
+def resolve_checkpoint_dir(name_or_path: str, *, allow_download: bool = True) -> str:
+    """A local directory holding `config.json`; hub ids are downloaded when the hub is reachable."""
+    path = os.path.expanduser(str(name_or_path))
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise CheckpointError(f"{path} has no config.json; point to a Hugging Face model directory")
+        return path
+    if os.path.exists(path):
+        raise CheckpointError(f"{path} is a file; pass the model directory that holds config.json")
+    if _looks_like_path(str(name_or_path)) or not allow_download:
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    hint = "pass a local directory with config.json and *.safetensors, e.g. kdjax.load_pretrained('/path/to/model')"
+    if offline:
+        raise CheckpointError(f"cannot download {name_or_path!r}: the Hugging Face Hub is offline "
+                                                    f"(HF_HUB_OFFLINE=1); {hint}")
+    try:
+        import huggingface_hub
+        return huggingface_hub.snapshot_download(
+                str(name_or_path),
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.bin"])
+    except Exception as e:  # network errors come in many types; the message is what matters
+        raise CheckpointError(f"cannot download {name_or_path!r} from the Hugging Face Hub "
+                                                    f"({type(e).__name__}); if you are offline, {hint}") from None
+
+
+def read_hf_config(directory: str) -> dict:
+    with open(os.path.join(directory, "config.json")) as f:
+        return json.load(f)
+
+
+def checkpoint_files(directory: str) -> tuple[str, list[str]]:
+    """("safetensors" | "torch", files) of the weights in a checkpoint directory."""
+    single = os.path.join(directory, SAFETENSORS)
+    index = os.path.join(directory, SAFETENSORS_INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that are missing: {', '.join(missing)}")
+        return "safetensors", [os.path.join(directory, s) for s in shards]
+    if os.path.isfile(single):
+        return "safetensors", [single]
+    pt_index = os.path.join(directory, PYTORCH_INDEX)
+    if os.path.isfile(pt_index):
+        with open(pt_index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return "torch", [os.path.join(directory, s) for s in shards]
+    if os.path.isfile(os.path.join(directory, PYTORCH_BIN)):
+        return "torch", [os.path.join(directory, PYTORCH_BIN)]
+    raise CheckpointError(f"no weights in {directory}: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN}")
+
+
+class TensorReader:
+    """Name -> numpy array over the checkpoint's files, reading lazily (one tensor at a time)."""
+
+    def __init__(self, directory: str):
+        self.kind, self.files = checkpoint_files(directory)
+        self._where: dict[str, str] = {}
+        self._torch_cache: dict[str, Any] = {}
+        if self.kind == "safetensors":
+            from safetensors import safe_open
+            for file in self.files:
+                with safe_open(file, framework="numpy") as f:
+                    for name in f.keys():
+                        self._where[name] = file
+        else:
+            for file in self.files:
+                for name in self._torch_state(file):
+                    self._where[name] = file
+
+    def _torch_state(self, file: str) -> dict:
+        if file not in self._torch_cache:
+            try:
+                import torch
+            except ImportError:
+                raise CheckpointError(f"{file} is a PyTorch checkpoint; install torch (CPU build) to read it, "
+                                                            "or convert it to safetensors") from None
+            self._torch_cache[file] = torch.load(file, map_location="cpu", weights_only=True)
+        return self._torch_cache[file]
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self.kind == "safetensors":
+            from safetensors import safe_open
+            with safe_open(self._where[name], framework="numpy") as f:
+                return tuple(f.get_slice(name).get_shape())
+        return tuple(self._torch_state(self._where[name])[name].shape)
+
+    def get(self, name: str) -> np.ndarray:
+        file = self._where[name]
+        if self.kind == "safetensors":
+            return _read_safetensor(file, name)
+        t = self._torch_state(file)[name]
+        return t.float().numpy() if str(t.dtype) == "torch.bfloat16" else t.numpy()
+
+
+def _read_safetensor(file: str, name: str) -> np.ndarray:
+    """One tensor as numpy; bf16 (which numpy lacks) is decoded through ml_dtypes."""
+    from safetensors import safe_open
+    with safe_open(file, framework="numpy") as f:
+        try:
+            return f.get_tensor(name)
+        except (TypeError, ValueError):
+            pass
+    import ml_dtypes
+    with open(file, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+        meta = header[name]
+        start, end = meta["data_offsets"]
+        fh.seek(8 + header_len + start)
+        raw = fh.read(end - start)
+    dtype = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+    return np.frombuffer(raw, dtype=dtype[meta["dtype"]]).reshape(meta["shape"])
+
+
+def _apply(transform: str, array: np.ndarray) -> np.ndarray:
+    if transform == "linear":
+        return array.T
+    if transform.startswith("qkv:"):
+        n = int(transform[4:])
+        third = array.shape[-1] // 3
+        return array[..., n * third:(n + 1) * third]
+    return array
+
+
+def _unapply(transform: str, parts: list[np.ndarray]) -> np.ndarray:
+    if transform == "linear":
+        return parts[0].T
+    if transform.startswith("qkv:"):
+        return np.concatenate(parts, axis=-1)
+    return parts[0]
+
+
+def load_flat_params(directory: str, config: ModelConfig, expected_shapes: dict[str, tuple],
+                                          *, strict: bool = True, progress: bool = False,
+                                          reader: Optional[TensorReader] = None) -> dict[str, np.ndarray]:
+    """Checkpoint tensors as a flat `{kdjax_path: array}` with layers stacked, checked against shapes."""
+    reader = reader or TensorReader(directory)
+    rows, prefix = weight_table(config)
+    names = reader.names()
+    needed = set()
+    for r in rows:
+        for i in (range(config.num_layers) if r.per_layer else [None]):
+            needed.add(r.hf.format(i=i) if r.per_layer else r.hf)
+    # Accept checkpoints saved with or without the base-model prefix (`bert.`, `model.`, ...).
+    concrete = {}
+    for name in names:
+        for cand in (name, prefix + name if prefix else None, name[len(prefix):] if prefix and name.startswith(prefix) else None):
+            if cand and cand in needed:
+                concrete[cand] = name
+                break
+        else:
+            for p in ("bert.", "roberta.", "transformer.", "model."):
+                if name.startswith(p) and name[len(p):] in needed:
+                    concrete[name[len(p):]] = name
+                    break
+    missing = sorted(needed - set(concrete))
+    used = set(concrete.values())
+    tied = set(tied_names(config))
+    unexpected = sorted(n for n in names if n not in used and not n.endswith(IGNORED_SUFFIXES)
+                                            and not any(n.endswith(t) for t in tied))
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} lacks {len(missing)} tensor(s) the {config.model_type} "
+                                                    f"'{config.head}' model needs: {', '.join(missing[:12])}"
+                                                    f"{' ...' if len(missing) > 12 else ''}")
+    if unexpected and strict:
+        raise CheckpointError(f"checkpoint {directory} has {len(unexpected)} unexpected tensor(s): "
+                                                    f"{', '.join(unexpected[:12])}{' ...' if len(unexpected) > 12 else ''} "
+                                                    "(wrong head? pass head=... or strict=False)")
+    iterator = rows
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(rows, desc="loading weights", unit="tensor")
+    flat: dict[str, np.ndarray] = {}
+    for r in iterator:
+        if r.per_layer:
+            arrays = [_apply(r.transform, reader.get(concrete[r.hf.format(i=i)])) for i in range(config.num_layers)]
+            value = np.stack(arrays)
+        else:
+            value = _apply(r.transform, reader.get(concrete[r.hf]))
+        want = expected_shapes.get(r.path)
+        if want is None:
+            raise CheckpointError(f"internal: kdjax model has no parameter {r.path}")
+        if tuple(value.shape) != tuple(want):
+            name = r.hf.format(i=0) if r.per_layer else r.hf
+            raise CheckpointError(f"shape mismatch for {name}: checkpoint gives {tuple(value.shape)} "
+                                                        f"(as kdjax {r.path}), the config expects {tuple(want)}")
+        flat[r.path] = value
+    return flat
+
+
+def export_tensors(config: ModelConfig, flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of `load_flat_params`: HF-named tensors from a flat kdjax param dict."""
+    rows, _ = weight_table(config)
+    out: dict[str, list] = {}
+    transforms: dict[str, str] = {}
+    for r in rows:
+        value = np.asarray(flat[r.path])
+        layers = range(config.num_layers) if r.per_layer else [None]
+        for i in layers:
+            name = r.hf.format(i=i) if r.per_layer else r.hf
+            part = value[i] if r.per_layer else value
+            out.setdefault(name, []).append(part)
+            transforms[name] = r.transform
+    return {name: np.ascontiguousarray(_unapply(transforms[name], parts)) for name, parts in out.items()}
+
+
+def write_safetensors(tensors: dict[str, Any], directory: str, *, metadata: Optional[dict] = None) -> str:
+    from safetensors.numpy import save_file
+    path = os.path.join(directory, SAFETENSORS)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata=metadata or {"format": "pt"})
+    return path
+
+
+def default_progress() -> Callable:
+    from tqdm.auto import tqdm
+    return tqdm

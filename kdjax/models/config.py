@@ -1,0 +1,193 @@
+"""`ModelConfig`: one description for every transformer family kdjax runs.
+
+A single frozen dataclass covers encoders (BERT, RoBERTa) and decoders (GPT-2, Llama, Qwen2, Mistral):
+the families differ only in a handful of switches (norm placement and kind, position scheme,
+activation, gating, attention grouping, biases, head tying).  Keeping them as data, not subclasses,
+lets a student be derived from a teacher by `dataclasses.replace` and lets the hub map Hugging Face
+configs in one table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax.numpy as jnp
+
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "gpt2", "llama", "qwen2", "mistral")
+HEADS = ("base", "mlm", "classification", "causal_lm")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
+POSITION_EMBEDDINGS = ("learned", "rope", "none")
+CLASSIFIER_STYLES = ("bert_pooler", "roberta", "last_token")
+REMAT_POLICIES = (
+        "none",  # keep every activation (fastest, most memory)
+        "full",  # recompute the whole layer in the backward pass
+        "dots",  # save matmul outputs, recompute elementwise ops
+        "dots_no_batch",  # save only weight matmuls (no batch dims), as MaxText's default
+        "minimal",  # save only the attention and MLP block outputs (named checkpoints)
+)
+
+
+class ConfigError(ValueError):
+        """A model configuration that cannot describe a valid model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one transformer; hashable, so it can be a static jit argument."""
+
+    model_type: str = "bert"
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    num_kv_heads: Optional[int] = None  # None -> num_heads (MHA); fewer -> GQA
+    head_dim: Optional[int] = None  # None -> hidden_size // num_heads
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 0  # 0 -> no token-type embeddings
+    position_embedding: str = "learned"
+    position_style: str = "absolute"  # "absolute" (arange) or "roberta" (offset past padding)
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"
+    norm_eps: float = 1e-12
+    pre_norm: bool = False  # False: post-LN (BERT); True: pre-LN (GPT-2, Llama)
+    embedding_norm: bool = True  # LayerNorm right after the embeddings (BERT/RoBERTa)
+    final_norm: bool = False  # norm after the last layer (pre-LN decoders)
+    activation: str = "gelu"
+    gated_mlp: bool = False  # SwiGLU-style gate * up
+    causal: bool = False
+    sliding_window: Optional[int] = None  # Mistral-style local attention
+    qkv_bias: bool = True
+    out_bias: bool = True  # attention output projection bias
+    mlp_bias: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: Optional[int] = 0
+    head: str = "base"
+    num_labels: int = 2
+    add_pooler: bool = True  # encoders: tanh pooler over token 0 (BertModel's pooler)
+    classifier_style: str = "bert_pooler"
+    initializer_range: float = 0.02
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    extra: tuple = ()  # (key, value) pairs carried to the exported HF config
+
+    def __post_init__(self):
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.causal
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        def bad(msg):
+            raise ConfigError(msg)
+
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            bad(f"unknown model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        for field, allowed in (("head", HEADS), ("norm", NORMS), ("activation", ACTIVATIONS),
+                                                      ("position_embedding", POSITION_EMBEDDINGS),
+                                                      ("classifier_style", CLASSIFIER_STYLES), ("remat_policy", REMAT_POLICIES)):
+            value = getattr(self, field)
+            if value not in allowed:
+                bad(f"ModelConfig.{field}={value!r} is not one of {', '.join(allowed)}")
+        for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            if int(getattr(self, field)) <= 0:
+                bad(f"ModelConfig.{field} must be positive, got {getattr(self, field)}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            bad(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                    "set head_dim explicitly")
+        if self.num_heads % self.kv_heads:
+            bad(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
+        if self.position_embedding == "rope" and self.dim_per_head % 2:
+            bad(f"RoPE needs an even head_dim, got {self.dim_per_head}")
+        if self.head == "classification" and self.num_labels < 1:
+            bad("a classification head needs num_labels >= 1")
+        for dt in (self.dtype, self.param_dtype):
+            try:
+                jnp.dtype(dt)
+            except TypeError:
+                bad(f"unknown dtype {dt!r}; use float32 or bfloat16")
+
+    # ----------------------------------------------------------------------------------------------
+    def num_params(self) -> int:
+        """Parameter count computed from the shapes (no model is built)."""
+        d, f, v, l = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
+        h, kv, hd = self.num_heads, self.kv_heads, self.dim_per_head
+        ln = 2 * d if self.norm == "layernorm" else d
+        attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+        if self.qkv_bias:
+            attn += h * hd + 2 * kv * hd
+        if self.out_bias:
+            attn += d
+        mlp = (3 if self.gated_mlp else 2) * d * f + ((f * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0)
+        total = l * (attn + mlp + 2 * ln) + v * d
+        if self.position_embedding == "learned":
+            total += self.max_position_embeddings * d
+        total += self.type_vocab_size * d
+        total += ln if self.embedding_norm else 0
+        total += ln if self.final_norm else 0
+        if self.head == "mlm":
+            total += d * d + d + ln + v + (0 if self.tie_word_embeddings else v * d)
+        elif self.head == "causal_lm" and not self.tie_word_embeddings:
+            total += v * d
+        elif self.head == "classification":
+            pool = d * d + d if self.classifier_style in ("bert_pooler", "roberta") else 0
+            total += pool + d * self.num_labels + (self.num_labels if self.classifier_style != "last_token" else 0)
+        if self.head == "base" and self.add_pooler and not self.causal:
+            total += d * d + d
+        return int(total)
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """Family presets with tiny defaults that tests and examples override."""
+    family = dict(
+            bert=dict(model_type="bert", type_vocab_size=2, norm="layernorm", norm_eps=1e-12,
+                                pre_norm=False, embedding_norm=True, activation="gelu", classifier_style="bert_pooler"),
+            roberta=dict(model_type="roberta", type_vocab_size=1, norm="layernorm", norm_eps=1e-5,
+                                      pre_norm=False, embedding_norm=True, activation="gelu", position_style="roberta",
+                                      pad_token_id=1, classifier_style="roberta", add_pooler=False),
+            gpt2=dict(model_type="gpt2", norm="layernorm", norm_eps=1e-5, pre_norm=True, embedding_norm=False,
+                                final_norm=True, activation="gelu_new", causal=True, classifier_style="last_token",
+                                pad_token_id=None, add_pooler=False),
+            llama=dict(model_type="llama", norm="rmsnorm", norm_eps=1e-6, pre_norm=True, embedding_norm=False,
+                                  final_norm=True, activation="silu", gated_mlp=True, causal=True, position_embedding="rope",
+                                  qkv_bias=False, out_bias=False, mlp_bias=False, tie_word_embeddings=False,
+                                  classifier_style="last_token", pad_token_id=None, add_pooler=False),
+    )
+    family["qwen2"] = dict(family["llama"], model_type="qwen2", qkv_bias=True, rope_theta=1e6)
+    family["mistral"] = dict(family["llama"], model_type="mistral")
+    if name not in family:
+        raise ConfigError(f"unknown model_type {name!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return ModelConfig(**{**family[name], **overrides})
+
+
+def round_up(x: float, multiple: int) -> int:
+    return int(math.ceil(x / multiple) * multiple)

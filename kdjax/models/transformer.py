@@ -1,0 +1,432 @@
+"""One Flax NNX transformer for the BERT, RoBERTa, GPT-2, Llama, Qwen2 and Mistral families.
+
+The layer stack is stored stacked (a leading `layers` axis on every block parameter) whether it runs
+scanned or unrolled, so checkpoints, sharding rules and student initialization see one layout.
+Scanned execution (`jax.lax.scan` over the stacked block) keeps compile time flat in depth; unrolled
+execution slices the same parameters layer by layer. Taps come out of the block as scan outputs and
+are sown once, at the top, as typed `nnx.Intermediate` variables — so a forward pass that asks for no
+taps is, op for op, the plain forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from kdjax.models.config import ModelConfig
+from kdjax.models.taps import LAYER_KINDS, TAP_TYPES, Intermediates, TapSpec
+
+Array = jax.Array
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+_REMAT_POLICIES = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_saveable,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "minimal": jax.checkpoint_policies.save_only_these_names("attention_out", "mlp_out"),
+}
+
+
+def _init(config: ModelConfig):
+    return nnx.initializers.normal(config.initializer_range)
+
+
+def _act(name: str, x: Array) -> Array:
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "gelu_new":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu(x)
+    return jax.nn.silu(x)
+
+
+def _dense(config: ModelConfig, din: int, dout: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=bias, dtype=config.compute_dtype, param_dtype=config.params_dtype,
+                                        kernel_init=_init(config), rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    """Llama-style RMSNorm: normalize in float32, then scale in the compute dtype."""
+
+    def __init__(self, dim: int, eps: float, dtype, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...].astype(jnp.float32) * y).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32 (BERT/GPT-2 convention), output in the compute dtype."""
+
+    def __init__(self, dim: int, eps: float, dtype, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(config: ModelConfig):
+    cls = RMSNorm if config.norm == "rmsnorm" else LayerNorm
+    return cls(config.hidden_size, config.norm_eps, config.compute_dtype, config.params_dtype)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos/sin tables [B, S, head_dim] in the rotate-half layout used by HF Llama checkpoints."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_bshd: Array, cos: Array, sin: Array) -> Array:
+    half = x_bshd.shape[-1] // 2
+    rotated = jnp.concatenate([-x_bshd[..., half:], x_bshd[..., :half]], axis=-1)
+    x32 = x_bshd.astype(jnp.float32)
+    out = x32 * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
+    return out.astype(x_bshd.dtype)
+
+
+class Attention(nnx.Module):
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c = config
+        d, h, kv, hd = c.hidden_size, c.num_heads, c.kv_heads, c.dim_per_head
+        self.q = _dense(c, d, h * hd, c.qkv_bias, rngs)
+        self.k = _dense(c, d, kv * hd, c.qkv_bias, rngs)
+        self.v = _dense(c, d, kv * hd, c.qkv_bias, rngs)
+        self.o = _dense(c, h * hd, d, c.out_bias, rngs)
+        self.config = c
+
+    def __call__(self, x: Array, bias_bqk: Array, rope: Optional[tuple[Array, Array]], kinds: frozenset):
+        c = self.config
+        b, s, _ = x.shape
+        h, kv, hd = c.num_heads, c.kv_heads, c.dim_per_head
+        q = self.q(x).reshape(b, s, h, hd)
+        k = self.k(x).reshape(b, s, kv, hd)
+        v = self.v(x).reshape(b, s, kv, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        rep = h // kv
+        k_full = jnp.repeat(k, rep, axis=2) if rep > 1 else k
+        v_full = jnp.repeat(v, rep, axis=2) if rep > 1 else v
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_full, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / float(hd) ** 0.5)
+        scores = jnp.where(bias_bqk[:, None], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v_full.dtype), v_full)
+        out = self.o(ctx.reshape(b, s, h * hd))
+        out = checkpoint_name(out, "attention_out")
+        taps = {}
+        for kind, value in (("attention_scores", scores), ("attention_probs", probs), ("query", q),
+                                                ("key", k), ("value", v), ("attention_context", ctx)):
+            if kind in kinds:
+                taps[kind] = value
+        return out, taps
+
+
+class MLP(nnx.Module):
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c = config
+        self.up = _dense(c, c.hidden_size, c.intermediate_size, c.mlp_bias, rngs)
+        self.gate = nnx.data(_dense(c, c.hidden_size, c.intermediate_size, c.mlp_bias, rngs) if c.gated_mlp else None)
+        self.down = _dense(c, c.intermediate_size, c.hidden_size, c.mlp_bias, rngs)
+        self.activation = c.activation
+
+    def __call__(self, x: Array) -> Array:
+        if self.gate is not None:
+            hidden = _act(self.activation, self.gate(x)) * self.up(x)
+        else:
+            hidden = _act(self.activation, self.up(x))
+        return checkpoint_name(self.down(hidden), "mlp_out")
+
+
+class Block(nnx.Module):
+    """One transformer layer, post-LN (BERT) or pre-LN (GPT-2/Llama) by config."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.attn = Attention(config, rngs)
+        self.attn_norm = make_norm(config)
+        self.mlp = MLP(config, rngs)
+        self.mlp_norm = make_norm(config)
+        self.pre_norm = config.pre_norm
+
+    def __call__(self, h: Array, bias_bqk: Array, rope, kinds: frozenset):
+        if self.pre_norm:
+            a, taps = self.attn(self.attn_norm(h), bias_bqk, rope, kinds)
+            h = h + a
+            f = self.mlp(self.mlp_norm(h))
+            h = h + f
+        else:
+            a, taps = self.attn(h, bias_bqk, rope, kinds)
+            h = self.attn_norm(h + a)
+            f = self.mlp(h)
+            h = self.mlp_norm(h + f)
+        if "ffn_output" in kinds:
+            taps["ffn_output"] = f
+        return h, taps
+
+
+class Embeddings(nnx.Module):
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c = config
+        kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype, embedding_init=_init(c), rngs=rngs)
+        self.word = nnx.Embed(c.vocab_size, c.hidden_size, **kw)
+        self.position = nnx.data(nnx.Embed(c.max_position_embeddings, c.hidden_size, **kw)
+                                                  if c.position_embedding == "learned" else None)
+        self.token_type = nnx.data(nnx.Embed(c.type_vocab_size, c.hidden_size, **kw) if c.type_vocab_size else None)
+        self.norm = nnx.data(make_norm(c) if c.embedding_norm else None)
+
+    def __call__(self, input_ids: Array, position_ids: Array, token_type_ids: Optional[Array]) -> Array:
+        h = self.word(input_ids)
+        if self.position is not None:
+            h = h + self.position(position_ids)
+        if self.token_type is not None:
+            tt = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            h = h + self.token_type(tt)
+        if self.norm is not None:
+            h = self.norm(h)
+        return h
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelOutputs:
+    logits: Optional[Array] = None  # [B,S,V] (mlm / causal_lm) or [B,C] (classification)
+    last_hidden_state: Optional[Array] = None  # [B,S,D], after the final norm where there is one
+    pooler_output: Optional[Array] = None  # [B,D] (encoders with a pooler)
+
+
+class Transformer(nnx.Module):
+    """Embeddings -> stacked blocks -> optional final norm -> head.
+
+    Heads: `base` (encoder/decoder trunk, BERT pooler if `add_pooler`), `mlm`, `classification`,
+    `causal_lm`.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.embed = Embeddings(c, rngs)
+
+        @nnx.split_rngs(splits=c.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(r):
+            return Block(c, r)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = nnx.data(make_norm(c) if c.final_norm else None)
+
+        d = c.hidden_size
+        pooler = classifier = mlm_transform = mlm_norm = mlm_bias = decoder = None
+        if c.head == "mlm":
+            mlm_transform = _dense(c, d, d, True, rngs)
+            mlm_norm = make_norm(c)
+            mlm_bias = nnx.Param(jnp.zeros((c.vocab_size,), c.params_dtype))
+        if c.head in ("mlm", "causal_lm") and not c.tie_word_embeddings:
+            decoder = _dense(c, d, c.vocab_size, False, rngs)
+        if c.head == "classification":
+            if c.classifier_style in ("bert_pooler", "roberta"):
+                pooler = _dense(c, d, d, True, rngs)
+            classifier = _dense(c, d, c.num_labels, c.classifier_style != "last_token", rngs)
+        if c.head == "base" and c.add_pooler and not c.causal:
+            pooler = _dense(c, d, d, True, rngs)
+        # Optional submodules are marked as data explicitly so `None` and a module share one slot.
+        self.pooler = nnx.data(pooler)
+        self.classifier = nnx.data(classifier)
+        self.mlm_transform = nnx.data(mlm_transform)
+        self.mlm_norm = nnx.data(mlm_norm)
+        self.mlm_bias = nnx.data(mlm_bias)
+        self.decoder = nnx.data(decoder)
+
+    # ----------------------------------------------------------------------------------------------
+    def _positions(self, input_ids: Array, attention_mask: Array, position_ids: Optional[Array]) -> Array:
+        c = self.config
+        if position_ids is not None:
+            return position_ids
+        if c.position_style == "roberta":
+            # RoBERTa counts positions past the padding index and gives padding the padding index.
+            not_pad = (input_ids != c.pad_token_id).astype(jnp.int32)
+            return jnp.cumsum(not_pad, axis=1) * not_pad + c.pad_token_id
+        return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+
+    def _attention_mask(self, attention_mask: Array) -> Array:
+        """Boolean [B, S_q, S_k]: which keys each query may attend to."""
+        c = self.config
+        s = attention_mask.shape[1]
+        allowed = jnp.broadcast_to(attention_mask[:, None, :].astype(bool), (attention_mask.shape[0], s, s))
+        if c.causal:
+            q = jnp.arange(s)[:, None]
+            k = jnp.arange(s)[None, :]
+            causal = k <= q
+            if c.sliding_window:
+                causal = causal & (q - k < c.sliding_window)
+            allowed = allowed & causal[None]
+        return allowed
+
+    def lm_logits(self, h: Array) -> Array:
+        """Vocabulary logits from final hidden states (MLM or causal-LM head); reusable per chunk."""
+        c = self.config
+        if c.head == "mlm":
+            h = self.mlm_norm(_act(c.activation, self.mlm_transform(h)))
+        if self.decoder is not None:
+            logits = self.decoder(h)
+        else:
+            logits = self.embed.word.attend(h)
+        if c.head == "mlm":
+            logits = logits + self.mlm_bias[...].astype(logits.dtype)
+        return logits
+
+    def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
+                              token_type_ids: Optional[Array] = None, position_ids: Optional[Array] = None,
+                              taps: Any = None) -> ModelOutputs:
+        c = self.config
+        spec = TapSpec.of(taps)
+        resolved = spec.resolve(c.num_layers)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        positions = self._positions(input_ids, attention_mask, position_ids)
+        h = self.embed(input_ids, positions, token_type_ids)
+        if "embeddings" in resolved:
+            self.sow(TAP_TYPES["embeddings"], "embeddings", h)
+        rope = rope_tables(positions, c.dim_per_head, c.rope_theta) if c.position_embedding == "rope" else None
+        allowed = self._attention_mask(attention_mask)
+
+        layer_kinds = frozenset(k for k in resolved if k in LAYER_KINDS)
+        want_hidden = "hidden_states" in resolved
+        h_last, stacked = self._run_layers(h, allowed, rope, layer_kinds, want_hidden, resolved)
+        if self.final_norm is not None:
+            h_last = self.final_norm(h_last)
+
+        if want_hidden:
+            # HF convention: L+1 states, [0] = embeddings; decoders report the last one after the final norm.
+            states = stacked.pop("hidden_states")  # [L, B, S, D] or the selected subset (see _run_layers)
+            idx = resolved["hidden_states"]
+            if states is None:
+                all_states = jnp.concatenate([h[None], stacked.pop("_all_hidden")], axis=0)
+                if self.final_norm is not None:
+                    all_states = all_states.at[-1].set(h_last)
+                states = all_states[jnp.asarray(idx)] if idx != tuple(range(c.num_layers + 1)) else all_states
+            self.sow(TAP_TYPES["hidden_states"], "hidden_states", states)
+        for kind in layer_kinds:
+            values = stacked[kind]
+            idx = resolved[kind]
+            if idx != tuple(range(c.num_layers)) and c.scan_layers:
+                values = values[jnp.asarray(idx)]
+            self.sow(TAP_TYPES[kind], kind, values)
+
+        out = ModelOutputs(last_hidden_state=h_last)
+        if c.head in ("mlm", "causal_lm"):
+            out.logits = self.lm_logits(h_last)
+        elif c.head == "classification":
+            if c.classifier_style == "last_token":
+                last = jnp.maximum(jnp.sum(attention_mask, axis=1) - 1, 0)
+                pooled = jnp.take_along_axis(h_last, last[:, None, None], axis=1)[:, 0]
+            else:
+                pooled = jnp.tanh(self.pooler(h_last[:, 0]))
+                out.pooler_output = pooled
+            out.logits = self.classifier(pooled)
+        elif self.pooler is not None:
+            out.pooler_output = jnp.tanh(self.pooler(h_last[:, 0]))
+        if "logits" in resolved and out.logits is not None:
+            self.sow(TAP_TYPES["logits"], "logits", out.logits)
+        return out
+
+    def _run_layers(self, h, allowed, rope, layer_kinds, want_hidden, resolved):
+        c = self.config
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, layer_state):
+            layer = nnx.merge(graphdef, layer_state)
+            new_h, taps = layer(carry, allowed, rope, layer_kinds)
+            if want_hidden:
+                taps["_all_hidden"] = new_h
+            return new_h, taps
+
+        if c.remat_policy != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
+
+        if c.scan_layers:
+            h, stacked = jax.lax.scan(body, h, state)
+            stacked = dict(stacked)
+            if want_hidden:
+                stacked["hidden_states"] = None
+            return h, stacked
+
+        # Unrolled: slice the stacked parameters layer by layer; keep only the selected layers' taps.
+        collected: dict[str, list] = {k: [] for k in layer_kinds}
+        hidden = [h]
+        for i in range(c.num_layers):
+            layer_state = jax.tree.map(lambda x: x[i], state)
+            h, taps = body(h, layer_state)
+            for kind in layer_kinds:
+                if i in resolved[kind]:
+                    collected[kind].append(taps[kind])
+            if want_hidden:
+                hidden.append(h)
+        stacked = {}
+        for kind in layer_kinds:
+            order = sorted(set(resolved[kind]))
+            by_layer = dict(zip(order, collected[kind]))
+            stacked[kind] = jnp.stack([by_layer[i] for i in resolved[kind]])
+        if want_hidden:
+            if self.final_norm is not None:
+                hidden[-1] = self.final_norm(hidden[-1])
+            stacked["hidden_states"] = jnp.stack([hidden[i] for i in resolved["hidden_states"]])
+        return h, stacked
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functional form used at the jit boundary.
+
+
+def split(model: Transformer):
+    """(graphdef, params) of a model; params is an `nnx.State` pytree of its `nnx.Param`s."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params
+
+
+def forward(graphdef, params, batch: Mapping[str, Array], taps: Any = None):
+    """`(outputs, intermediates)` of one forward pass; a pure function of its arguments.
+
+    `batch` holds `input_ids` and optionally `attention_mask`, `token_type_ids`, `position_ids`.
+    `taps` is anything `TapSpec.of` accepts; it must be static under jit (it is hashable).
+    """
+    spec = TapSpec.of(taps)
+    model = nnx.merge(graphdef, params)
+    kwargs = dict(attention_mask=batch.get("attention_mask"), token_type_ids=batch.get("token_type_ids"),
+                                position_ids=batch.get("position_ids"))
+    if not spec:
+        return model(batch["input_ids"], **kwargs), Intermediates()
+    outputs, *captured = nnx.capture(model, *TAP_TYPES.values())(batch["input_ids"], taps=spec, **kwargs)
+    values = {}
+    for state in captured:
+        for path, var in nnx.to_flat_state(state):
+            value = var.get_value() if hasattr(var, "get_value") else var
+            values[path[-1]] = value[0] if isinstance(value, tuple) else value
+    resolved = spec.resolve(model.config.num_layers)
+    inter = Intermediates(**{k: values.get(k) for k in spec.kinds},
+                                                layers=tuple(sorted((k, v) for k, v in resolved.items())))
+    return outputs, inter
+
+
+def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
+    return Transformer(config, rngs=nnx.Rngs(seed))
