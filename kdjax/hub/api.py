@@ -143,8 +143,11 @@ def load_pretrained(name_or_path: str, *, dtype: Optional[str] = None, param_dty
         overrides["param_dtype"] = param_dtype or dtype
     elif param_dtype is not None:
         overrides["param_dtype"] = param_dtype
-    config = config_from_hf(hf, head=head, **overrides)
     reader = ckpt.TensorReader(directory)
+    if hf.get("model_type") in ("bert", "roberta") and "add_pooler" not in overrides:
+        # Encoders are saved with or without BERT's pooler; follow the checkpoint.
+        overrides["add_pooler"] = any(n.endswith("pooler.dense.weight") for n in reader.names())
+    config = config_from_hf(hf, head=head, **overrides)
     graphdef, abstract = abstract_model(config)
     shapes = {k: tuple(v.shape) for k, v in flat_params(abstract).items()}
     flat = ckpt.load_flat_params(directory, config, shapes, strict=strict, progress=progress, reader=reader)
