@@ -20,7 +20,7 @@ from flax import nnx
 
 from kdjax.hub import checkpoint as ckpt
 from kdjax.hub.families import config_from_hf, config_to_hf
-from kdjax.models.config import ConfigError, ModelConfig
+from kdjax.models.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
 from kdjax.models.taps import Intermediates, TapSpec
 from kdjax.models.transformer import Transformer, forward
 
@@ -143,6 +143,8 @@ def load_pretrained(name_or_path: str, *, dtype: Optional[str] = None, param_dty
         overrides["param_dtype"] = param_dtype or dtype
     elif param_dtype is not None:
         overrides["param_dtype"] = param_dtype
+    if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"unknown model_type {hf.get('model_type')!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     reader = ckpt.TensorReader(directory)
     if hf.get("model_type") in ("bert", "roberta") and "add_pooler" not in overrides:
         # Encoders are saved with or without BERT's pooler; follow the checkpoint.

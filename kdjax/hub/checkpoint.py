@@ -211,19 +211,20 @@ def load_flat_params(directory: str, config: ModelConfig, expected_shapes: dict[
         iterator = tqdm(rows, desc="loading weights", unit="tensor")
     flat: dict[str, np.ndarray] = {}
     for r in iterator:
-        if r.per_layer:
-            arrays = [_apply(r.transform, reader.get(concrete[r.hf.format(i=i)])) for i in range(config.num_layers)]
-            value = np.stack(arrays)
-        else:
-            value = _apply(r.transform, reader.get(concrete[r.hf]))
         want = expected_shapes.get(r.path)
         if want is None:
             raise CheckpointError(f"internal: kdjax model has no parameter {r.path}")
-        if tuple(value.shape) != tuple(want):
-            name = r.hf.format(i=0) if r.per_layer else r.hf
-            raise CheckpointError(f"shape mismatch for {name}: checkpoint gives {tuple(value.shape)} "
-                                                        f"(as kdjax {r.path}), the config expects {tuple(want)}")
-        flat[r.path] = value
+        layer_ids = range(config.num_layers) if r.per_layer else [None]
+        arrays = []
+        for i in layer_ids:
+            name = r.hf.format(i=i) if r.per_layer else r.hf
+            value = _apply(r.transform, reader.get(concrete[name]))
+            expect = tuple(want[1:]) if r.per_layer else tuple(want)
+            if tuple(value.shape) != expect:
+                raise CheckpointError(f"shape mismatch for {name}: checkpoint gives {tuple(value.shape)} "
+                                      f"(as kdjax {r.path}), the config expects {expect}")
+            arrays.append(value)
+        flat[r.path] = np.stack(arrays) if r.per_layer else arrays[0]
     return flat
 
 
