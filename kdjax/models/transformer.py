@@ -197,11 +197,11 @@ class Embeddings(nnx.Module):
 
     def __call__(self, input_ids: Array, position_ids: Array, token_type_ids: Optional[Array]) -> Array:
         h = self.word(input_ids)
-        if self.position is not None:
-            h = h + self.position(position_ids)
-        if self.token_type is not None:
+        if self.token_type is not None:  # summed in HF's order so fp32 rounding matches
             tt = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
             h = h + self.token_type(tt)
+        if self.position is not None:
+            h = h + self.position(position_ids)
         if self.norm is not None:
             h = self.norm(h)
         return h
