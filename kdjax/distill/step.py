@@ -1,0 +1,180 @@
+"""The train state and the one jitted distillation step.
+
+Teacher forwards, the student forward/backward and the optimizer update are one pure function
+`step(state, teacher_params, batch) -> (state, metrics)`. Teacher parameters are a separate argument
+that is never differentiated (their forward runs outside `value_and_grad`, under `stop_gradient`).
+Gradient accumulation splits the batch into micro-batches inside the step with `lax.scan`, so the
+host loop and the compiled program do not change with the accumulation factor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from kdjax.distill import terms as terms_lib
+from kdjax.methods.base import Term
+from kdjax.models.config import ModelConfig
+from kdjax.models.taps import TapSpec
+from kdjax.models.transformer import forward
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything a step changes. `params` is the student; `aux` holds learned projections."""
+
+    step: jax.Array
+    params: Any
+    aux: Any
+    opt_state: Any
+    rng: jax.Array
+
+    @property
+    def trainable(self) -> dict:
+        return {"student": self.params, "aux": self.aux}
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+    name: str
+    graphdef: Any
+    config: ModelConfig
+    taps: TapSpec
+    weight: float = 1.0
+
+
+def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int = 0, schedule: str = "linear",
+                                      weight_decay: float = 0.01, max_grad_norm: Optional[float] = 1.0, b1: float = 0.9,
+                                      b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    """AdamW with linear warmup then linear/cosine/constant decay, global-norm clipping, and no weight
+    decay on biases, norm scales and embeddings' norms (1-D parameters)."""
+    warmup_steps = int(min(warmup_steps, max(total_steps - 1, 0)))
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if schedule == "linear":
+        decay = optax.linear_schedule(learning_rate, 0.0, decay_steps)
+    elif schedule == "cosine":
+        decay = optax.cosine_decay_schedule(learning_rate, decay_steps)
+    elif schedule == "constant":
+        decay = optax.constant_schedule(learning_rate)
+    else:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use linear, cosine or constant")
+    if warmup_steps:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay], [warmup_steps])
+    else:
+        lr = decay
+
+    def decay_mask(tree):
+        return jax.tree.map(lambda x: x.ndim > 1, tree)
+
+    chain = []
+    if max_grad_norm:
+        chain.append(optax.clip_by_global_norm(max_grad_norm))
+    chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    return optax.chain(*chain)
+
+
+def scope_mask(params, scope: str):
+    """1/0 update mask for `train_scope`: "all", or "progressive:<l>" (only stacked layer l trains)."""
+    if scope == "all":
+        return None
+    if not scope.startswith("progressive:"):
+        raise ValueError(f"unknown train_scope {scope!r}; use 'all' or 'progressive:<layer>'")
+    layer = int(scope.split(":", 1)[1])
+
+    def leaf_mask(path, x):
+        if getattr(path[0], "key", None) == "layers":
+            return jnp.zeros(x.shape[:1], jnp.float32).at[layer].set(1.0).reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.zeros((), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf_mask, params)
+
+
+def build_step(*, student_graphdef, student_config: ModelConfig, student_taps: TapSpec,
+                              teachers: Sequence[TeacherSpec], terms: Sequence[Term], tx: optax.GradientTransformation,
+                              total_steps: int, grad_accum: int = 1, update_mask=None, vocab_map=None) -> Callable:
+    """The pure step function for one stage (jit it with the shardings of the caller's choice)."""
+    terms = tuple(terms)
+    weight_sum = sum(t.weight for t in teachers) or 1.0
+
+    def teacher_pass(teacher_params: Mapping[str, Any], batch):
+        results = {}
+        for t in teachers:
+            with jax.named_scope(f"teacher_{t.name}"):
+                out, inter = forward(t.graphdef, teacher_params[t.name], batch, t.taps)
+            results[t.name] = jax.lax.stop_gradient((out, inter))
+        return results
+
+    def loss_fn(trainable, batch, teacher_results, progress):
+        with jax.named_scope("student"):
+            s_out, s_inter = forward(student_graphdef, trainable["student"], batch, student_taps)
+        total = jnp.zeros((), jnp.float32)
+        metrics: dict = {}
+        for t in teachers:
+            t_out, t_inter = teacher_results[t.name]
+            loss, m = terms_lib.stage_loss(terms, trainable["aux"], s_out, s_inter, t_out, t_inter, batch,
+                                                                          progress=progress, student=student_config, teacher=t.config,
+                                                                          vocab_map=vocab_map)
+            w = t.weight / weight_sum
+            total = total + w * loss
+            if len(teachers) > 1:
+                m = {f"{t.name}/{k}": v for k, v in m.items()}
+            metrics = terms_lib.merge_metrics(metrics, m)
+        return total, metrics
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro_step(trainable, batch, teacher_params, progress):
+        teacher_results = teacher_pass(teacher_params, batch)
+        (loss, metrics), grads = grad_fn(trainable, batch, teacher_results, progress)
+        return loss, metrics, grads
+
+    def step(state: TrainState, teacher_params, batch):
+        progress = jnp.minimum(state.step.astype(jnp.float32) / max(total_steps, 1), 1.0)
+        trainable = state.trainable
+        if grad_accum == 1:
+            loss, metrics, grads = micro_step(trainable, batch, teacher_params, progress)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
+
+            def body(carry, mb):
+                loss_acc, metrics_acc, grads_acc = carry
+                loss, metrics, grads = micro_step(trainable, mb, teacher_params, progress)
+                metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
+                grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+                return (loss_acc + loss, metrics_acc, grads_acc), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            metric_shapes = jax.eval_shape(lambda: micro_step(trainable, first, teacher_params, progress)[1])
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
+                              jax.tree.map(jnp.zeros_like, trainable))
+            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
+            loss = loss / grad_accum
+            grads = jax.tree.map(lambda g: g / grad_accum, grads)
+        if update_mask is not None:
+            grads = {"student": jax.tree.map(jnp.multiply, grads["student"], update_mask), "aux": grads["aux"]}
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        if update_mask is not None:
+            updates = {"student": jax.tree.map(jnp.multiply, updates["student"], update_mask), "aux": updates["aux"]}
+        new = optax.apply_updates(trainable, updates)
+        metrics = dict(metrics)
+        metrics["loss"] = (loss, jnp.ones((), jnp.float32))
+        metrics["grad_norm"] = (optax.global_norm(grads), jnp.ones((), jnp.float32))
+        new_state = TrainState(step=state.step + 1, params=new["student"], aux=new["aux"], opt_state=opt_state,
+                                                      rng=jax.random.fold_in(state.rng, state.step))
+        return new_state, metrics
+
+    return step
+
+
+def metric_values(metrics: Mapping[str, tuple]) -> dict[str, float]:
+    """`(sum, count)` pairs -> floats (host side)."""
+    out = {}
+    for k, (s, c) in jax.device_get(dict(metrics)).items():
+        out[k] = float(s) / max(float(c), 1e-12)
+    return out

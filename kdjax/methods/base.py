@@ -1,0 +1,195 @@
+"""Methods as data: a method is named stages, a stage is weighted knowledge terms.
+
+A `Term` says which knowledge function to apply (`kdjax.knowledge.TERMS`), what it reads from the two
+forward passes (`source`), how layers are matched, its weight and arguments. A `Stage` groups terms
+with their own step budget, learning rate, data and teacher; a `Method` is a sequence of stages.
+Recipes register a builder under a name; `build_method` turns a config entry (a name, or a list of
+`(name, weight)` pairs for a GKD-style mix) into a `Method`. Adding a recipe touches only its file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+# What a term reads and in which layer-index space its `layers` live.
+SOURCES = {
+        "logits": None,  # head outputs ([B,S,V] token-level or [B,C] sample-level)
+        "hidden_states": "hidden",
+        "embeddings": None,
+        "cls": "hidden",  # hidden state of token 0 at the matched layers ([B,D] per pair)
+        "attention_scores": "attention",
+        "attention_probs": "attention",
+        "qkv": "attention",  # (query, key, value), heads concatenated
+        "value": "attention",
+        "attention_context": "attention",
+        "labels": None,  # hard-label cross-entropy on the student alone
+}
+
+Schedule = Union[float, tuple]  # a constant, or ("linear"|"cosine", start, end) over the stage
+
+
+class MethodError(ValueError):
+    """A method name or recipe definition that cannot be built."""
+
+
+def _freeze(mapping: Optional[Mapping[str, Any]]) -> tuple:
+    if not mapping:
+        return ()
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in dict(mapping).items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One weighted knowledge term: `weight * fn(student_view, teacher_view, mask, **args)`."""
+
+    fn: str
+    source: str
+    weight: Schedule = 1.0
+    layers: Union[str, tuple] = "final"
+    args: tuple = ()
+    name: Optional[str] = None
+    projection: Optional[bool] = None  # None: learn W only when widths differ and the term needs equal widths
+    positions: str = "all"  # token-level logit terms: "all" valid tokens or only "labeled" ones (MLM/LM labels)
+
+    @staticmethod
+    def make(fn: str, source: str, *, weight: Schedule = 1.0, layers: Union[str, Sequence] = "final",
+                      name: Optional[str] = None, projection: Optional[bool] = None, positions: str = "all",
+                      **args: Any) -> "Term":
+        if source not in SOURCES:
+            raise MethodError(f"unknown term source {source!r}; known: {', '.join(SOURCES)}")
+        if positions not in ("all", "labeled"):
+            raise MethodError(f"positions must be 'all' or 'labeled', got {positions!r}")
+        if not isinstance(layers, str):
+            layers = tuple(tuple(int(x) for x in p) for p in layers)
+        return Term(fn=fn, source=source, weight=weight, layers=layers, args=_freeze(args), name=name or fn,
+                                projection=projection, positions=positions)
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.args)
+
+    @property
+    def space(self) -> Optional[str]:
+        return SOURCES[self.source]
+
+    def replace(self, **changes: Any) -> "Term":
+        if "args" in changes and isinstance(changes["args"], Mapping):
+            changes["args"] = _freeze(changes["args"])
+        return dataclasses.replace(self, **changes)
+
+    def with_args(self, **args: Any) -> "Term":
+        return self.replace(args=_freeze({**self.kwargs, **args}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Terms trained together, with an optional step budget, learning rate, data and teacher of their own."""
+
+    name: str
+    terms: tuple[Term, ...]
+    steps: Optional[int] = None  # None: config.train.steps
+    learning_rate: Optional[float] = None  # None: config.train.learning_rate
+    data: str = "train"  # which config.data entry feeds the stage ("train", or e.g. "corpus" / "task")
+    teacher: Optional[str] = None  # a key of config.teachers; None: every teacher, weighted
+    student_head: Optional[str] = None  # switch the student head for this stage (e.g. "classification")
+    train_scope: str = "all"  # "all" parameters, or "progressive:<layer>" (MobileBERT) freezes others
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    stages: tuple[Stage, ...]
+    description: str = ""
+    student_init: Union[str, tuple] = "uniform"
+
+    def stage(self, index: int) -> Stage:
+        return self.stages[index]
+
+
+Builder = Callable[..., Method]
+_REGISTRY: dict[str, tuple[Builder, str]] = {}
+
+
+def register(name: str, description: str = "") -> Callable[[Builder], Builder]:
+    """Register a recipe builder `fn(**args) -> Method` under `name`."""
+
+    def wrap(fn: Builder) -> Builder:
+        if name in _REGISTRY and _REGISTRY[name][0] is not fn:
+            raise MethodError(f"method {name!r} is registered twice")
+        _REGISTRY[name] = (fn, description or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return wrap
+
+
+def _load_recipes() -> None:
+    import kdjax.methods as pkg
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name not in ("base",):
+            importlib.import_module(f"kdjax.methods.{info.name}")
+
+
+def known_methods() -> dict[str, str]:
+    _load_recipes()
+    return {k: v[1] for k, v in sorted(_REGISTRY.items())}
+
+
+def get_method(name: str, **args: Any) -> Method:
+    _load_recipes()
+    if name not in _REGISTRY:
+        raise MethodError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+    try:
+        return _REGISTRY[name][0](**args)
+    except TypeError as e:
+        raise MethodError(f"method {name!r}: {e}") from None
+
+
+def combine(parts: Sequence[tuple[Method, float]], name: Optional[str] = None) -> Method:
+    """GKD's mix: stage i of the result sums stage i of every part, each term scaled by its part's weight.
+
+    Single-stage parts join every stage of a multi-stage part.
+    """
+    if len(parts) == 1 and parts[0][1] == 1.0:
+        return parts[0][0]
+    depth = max(len(m.stages) for m, _ in parts)
+    for m, _ in parts:
+        if len(m.stages) not in (1, depth):
+            raise MethodError(f"cannot mix {m.name!r} ({len(m.stages)} stages) with a {depth}-stage method")
+    stages = []
+    for i in range(depth):
+        terms = []
+        base = None
+        for m, w in parts:
+            st = m.stages[i if len(m.stages) > 1 else 0]
+            if len(m.stages) == depth and base is None:
+                base = st
+            for t in st.terms:
+                weight = t.weight * w if isinstance(t.weight, (int, float)) else (t.weight[0], t.weight[1] * w,
+                                                                                                                                                      t.weight[2] * w)
+                terms.append(t.replace(weight=weight, name=f"{m.name}/{t.name}"))
+        stages.append(dataclasses.replace(base, terms=tuple(terms)))
+    return Method(name=name or "+".join(m.name for m, _ in parts), stages=tuple(stages),
+                                description="mix of " + ", ".join(f"{w}×{m.name}" for m, w in parts),
+                                student_init=parts[0][0].student_init)
+
+
+def build_method(spec: Any, args: Optional[Mapping[str, Any]] = None) -> Method:
+    """A `Method` from a config entry: `"tinybert"`, or `[("minilmv2", 1.0), ("kd", 0.5)]`.
+
+    `args` maps method name -> keyword arguments for its builder (or is the arguments of a single method).
+    """
+    args = dict(args or {})
+    if isinstance(spec, str):
+        per = args.get(spec, args if all(not isinstance(v, Mapping) for v in args.values()) else {})
+        return get_method(spec, **dict(per))
+    parts = []
+    for item in spec:
+        if isinstance(item, str):
+            name, weight = item, 1.0
+        else:
+            name, weight = item[0], float(item[1])
+        parts.append((get_method(name, **dict(args.get(name, {}))), weight))
+    return combine(parts)
