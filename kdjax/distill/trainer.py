@@ -306,6 +306,7 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
         from kdjax.hub.api import save_pretrained
         summary["student_dir"] = save_pretrained(student, os.path.join(workdir, "student"))
     summary["history"] = history
+    summary["state"] = state
     return summary
 
 
