@@ -8,7 +8,7 @@ two depths into `(student_index, teacher_index)` pairs in one of the spaces:
     attention: m <- m·k + k - 1.
 - `last`: the top M teacher layers: hidden m <- N - M + m (m = 1..M); attention m <- N - M + m.
 - `skip` (PKD-skip): hidden m <- m·k for m = 1..M-1 (embeddings and the last layer excluded).
-- `pkd_last` (PKD-last): hidden m <- N - M + m - 1 for m = 1..M-1.
+- `pkd_last` (PKD-last): hidden m <- N - M + m for m = 1..M-1 (6 of 12: teacher layers 7..11).
 - `first`: m <- m (hidden m = 1..M, attention m = 0..M-1).
 - `final`: the last layers only: hidden (M, N), attention (M-1, N-1).
 - `embeddings`: hidden (0, 0).
@@ -53,8 +53,8 @@ def layer_pairs(strategy: Union[str, Sequence[Sequence[int]]], student_layers: i
         elif strategy == "skip":
             pairs = [(m, m * k) for m in range(1, m_)] if hidden else [(m - 1, m * k - 1) for m in range(1, m_)]
         elif strategy == "pkd_last":
-            pairs = ([(m, n_ - m_ + m - 1) for m in range(1, m_)] if hidden
-                              else [(m - 1, n_ - m_ + m - 2) for m in range(1, m_)])
+            pairs = ([(m, n_ - m_ + m) for m in range(1, m_)] if hidden
+                              else [(m - 1, n_ - m_ + m - 1) for m in range(1, m_)])
         elif strategy == "first":
             pairs = [(m, m) for m in range(1, m_ + 1)] if hidden else [(m, m) for m in range(m_)]
         elif strategy == "final":

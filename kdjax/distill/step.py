@@ -164,7 +164,7 @@ def build_step(*, student_graphdef, student_config: ModelConfig, student_taps: T
         new = optax.apply_updates(trainable, updates)
         metrics = dict(metrics)
         metrics["loss"] = (loss, jnp.ones((), jnp.float32))
-        metrics["grad_norm"] = (optax.global_norm(grads), jnp.ones((), jnp.float32))
+        metrics["grad_norm"] = (optax.tree.norm(grads), jnp.ones((), jnp.float32))
         new_state = TrainState(step=state.step + 1, params=new["student"], aux=new["aux"], opt_state=opt_state,
                                                       rng=jax.random.fold_in(state.rng, state.step))
         return new_state, metrics
