@@ -1,0 +1,216 @@
+"""Reporting helpers: JSON/JSONL I/O, training-curve plots and compact summaries.
+
+These are the host-side ends of a run: the trainer appends one JSON object per logging step to
+``metrics.jsonl``; :func:`read_jsonl` reads it back, :func:`plot_curves` draws it and
+:func:`summarize` condenses it, and :func:`write_json` stores evaluation results. Everything here
+is plain Python/numpy (plus matplotlib for plots), so it runs on a laptop against the outputs of a
+pod run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+import numpy as np
+
+__all__ = ["format_table", "plot_curves", "read_jsonl", "spans_decades", "summarize", "to_jsonable", "write_json"]
+
+PathLike = Union[str, os.PathLike]
+
+
+def to_jsonable(obj: Any) -> Any:
+    """`obj` with numpy/jax scalars and arrays turned into Python numbers and lists.
+
+    Tuples become lists and mapping keys become strings (JSON has nothing else); non-finite floats
+    stay ``NaN``/``Infinity``, which Python's ``json`` reads back (a diverged loss stays visible).
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (str, bool, int, float)) or obj is None:
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):
+        arr = np.asarray(obj)
+        return arr.item() if arr.ndim == 0 else arr.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"cannot write a {type(obj).__name__} to JSON; convert it to numbers, strings, lists or dicts")
+
+
+def write_json(path: PathLike, obj: Any, *, indent: Optional[int] = 2) -> str:
+    """Write `obj` as JSON atomically: a temporary file in the same folder, then ``os.replace``.
+
+    A reader (or a preempted job restarting) therefore sees either the old file or the complete
+    new one, never a truncated one. Numpy/jax values are converted with :func:`to_jsonable`.
+    """
+    path = os.fspath(path)
+    payload = json.dumps(to_jsonable(obj), indent=indent, sort_keys=True)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(payload + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def read_jsonl(path: PathLike) -> list[dict[str, Any]]:
+    """All JSON objects of a JSON-lines file (blank lines skipped), e.g. a run's ``metrics.jsonl``.
+
+    A truncated *last* line — what a job killed mid-write leaves — is skipped; a malformed line
+    anywhere else is an error naming the line.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no JSON-lines file at {path}; pass the run's metrics.jsonl")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):
+                break
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove the line") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the records that have a finite number under `key`, sorted by step."""
+    steps, values = [], []
+    for i, record in enumerate(records):
+        value = record.get(key)
+        if not _is_number(value) or not math.isfinite(float(value)):
+            continue
+        if "step" not in record:
+            raise ValueError(f"record {i} has {key!r} but no 'step'; write a step with every logged record")
+        steps.append(float(record["step"]))
+        values.append(float(value))
+    order = np.argsort(steps, kind="stable")
+    return np.asarray(steps)[order], np.asarray(values)[order]
+
+
+def spans_decades(values, decades: float = 2.0) -> bool:
+    """True when all `values` are positive and max/min exceeds ``10**decades`` (log axis is better)."""
+    values = np.asarray(values, np.float64)
+    return bool(values.size and np.all(values > 0) and values.max() / values.min() > 10.0 ** decades)
+
+
+def plot_curves(records: Union[Sequence[Mapping[str, Any]], PathLike], out_png: PathLike, *,
+                keys: Sequence[str] = ("loss",), title: Optional[str] = None) -> str:
+    """Plot metric curves against ``step`` to a PNG; one line per key.
+
+    Args:
+      records: dicts with ``step`` and metric values (as in ``metrics.jsonl``), or that file's path.
+        Records lacking a key (e.g. eval metrics logged every N steps) are skipped for that key.
+      out_png: output path (folders are created).
+      keys: metric names to draw.
+      title: figure title.
+
+    The y axis is logarithmic when every plotted value is positive and they span more than two
+    decades (max/min > 100), as losses over a full run usually do. Uses matplotlib's Agg canvas
+    directly, so no display and no global pyplot state are involved.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if isinstance(records, (str, os.PathLike)):
+        records = read_jsonl(records)
+    if isinstance(keys, str):
+        keys = (keys,)
+    if not keys:
+        raise ValueError("keys is empty; name at least one metric to plot, e.g. keys=('loss',)")
+    series = {key: _series(records, key) for key in keys}
+    missing = [k for k, (steps, _) in series.items() if steps.size == 0]
+    if missing:
+        available = sorted({k for r in records for k, v in r.items() if k != "step" and _is_number(v)})
+        raise ValueError(f"no finite values for {missing} in {len(records)} records; available metrics: {available}")
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for key, (steps, values) in series.items():
+        ax.plot(steps, values, label=key, marker="o" if steps.size == 1 else None, linewidth=1.5)
+    if spans_decades(np.concatenate([v for _, v in series.values()])):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(keys[0] if len(keys) == 1 else "value")
+    ax.grid(True, alpha=0.3)
+    if len(keys) > 1:
+        ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    out_png = os.fspath(out_png)
+    os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
+    fig.savefig(out_png, format="png")
+    return out_png
+
+
+def summarize(records: Sequence[Mapping[str, Any]], keys: Optional[Sequence[str]] = None) -> dict[str, dict]:
+    """Per metric: ``first``, ``last``, ``min``, ``max``, the ``step`` of the last value and ``count``.
+
+    `keys` defaults to every numeric field except ``step``. Non-finite values are ignored.
+    """
+    if keys is None:
+        keys = sorted({k for r in records for k, v in r.items() if k != "step" and _is_number(v)})
+    out = {}
+    for key in keys:
+        steps, _ = _series(records, key)
+        if steps.size == 0:
+            continue
+        # _series sorts by step; keep file order for first/last when steps tie.
+        values = [float(r[key]) for r in records if _is_number(r.get(key)) and math.isfinite(float(r[key]))]
+        out[key] = {"first": values[0], "last": values[-1], "min": min(values), "max": max(values),
+                    "step": float(steps[-1]), "count": len(values)}
+    return out
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None, *,
+                 float_format: str = ".4g") -> str:
+    """A Markdown table of `rows` (e.g. one evaluation result per model) for reports and READMEs.
+
+    Columns default to the union of keys in first-seen order; missing cells are blank and
+    ``None`` prints as ``-``.
+    """
+    if not rows:
+        raise ValueError("format_table needs at least one row")
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if _is_number(value) and not isinstance(value, (int, np.integer)):
+            return format(float(value), float_format)
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row[c]) if c in row else "" for c in columns) + " |")
+    return "\n".join(lines)
