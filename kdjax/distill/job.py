@@ -66,7 +66,7 @@ def run_job(config, workdir: str, *, max_steps: Optional[int] = None, progress: 
         t_lat = evaluate.measure_latency(teacher, **kw)
         s_lat = evaluate.measure_latency(student, **kw)
         out["latency"] = {"teacher": t_lat, "student": s_lat,
-                                            "speedup": t_lat["median_seconds"] / max(s_lat["median_seconds"], 1e-12)}
+                                            "speedup": t_lat["median_s"] / max(s_lat["median_s"], 1e-12)}
     history = summary["history"]
     if jax.process_index() == 0:
         losses = [r for r in history if "loss" in r]

@@ -131,7 +131,7 @@ def token_mask(batch: Mapping[str, jax.Array], term: Term) -> jax.Array:
     mask = batch.get("attention_mask")
     if mask is None:
         mask = jnp.ones(batch["input_ids"].shape, jnp.int32)
-    if term.positions == "labeled" and "labels" in batch:
+    if term.positions == "labeled" and "labels" in batch and batch["labels"].shape == mask.shape:
         mask = mask * (batch["labels"] != -100).astype(mask.dtype)
     return mask
 
