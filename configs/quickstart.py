@@ -19,7 +19,7 @@ def get_config(arg=None):
     c.teacher.path = common.MINILM
     c.student.num_layers = 3
     c.student.layers = (1, 3, 5)
-    c.method = [("minilmv2", 1.0), ("unified", 1.0)]
+    c.method = "minilmv2+unified"
     c.method_args = dict(minilmv2=dict(num_relation_heads=12), unified=dict(knowledge=("hidden",), matching="uniform"))
     c.data.train.task = "kdjax_corpus"
     c.data.train.max_length = args.max_length

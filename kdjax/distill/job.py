@@ -21,7 +21,7 @@ def _heldout_sentences(config, n: int) -> list[str]:
     from kdjax.data import embedded
     source = _cfg_get(_cfg_get(config, "report"), "heldout", "kdjax_corpus")
     if source == "kdjax_corpus":
-        return [r["text"] for r in embedded.corpus_sentences("validation")][:n]
+        return list(embedded.corpus_sentences("validation"))[:n]
     if source == "kdjax_reviews":
         return [r["text"] for r in embedded.review_examples("validation")][:n]
     raise ValueError(f"report.heldout must be kdjax_corpus or kdjax_reviews, got {source!r}")

@@ -80,7 +80,7 @@ def load_teachers(config) -> dict[str, tuple[Model, float]]:
     return teachers
 
 
-def build_student(config, teacher: Model, method: Method) -> Model:
+def build_student(config, teacher: Model, method: Method, compression=None) -> Model:
     spec = _as_dict(_cfg_get(config, "student"))
     if spec.get("path"):
         kw = {k: spec[k] for k in ("dtype", "head", "param_dtype") if spec.get(k) is not None}
@@ -91,7 +91,57 @@ def build_student(config, teacher: Model, method: Method) -> Model:
     kw = {k: spec[k] for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size",
                                                           "vocab_size", "head", "dtype", "param_dtype", "num_labels", "scan_layers",
                                                           "remat_policy") if spec.get(k) is not None}
-    return student_from(teacher, init=init, seed=int(spec.get("seed", 0)), **kw)
+    if compression is not None:
+        kw["vocab_size"] = compression.size
+    student = student_from(teacher, init=init, seed=int(spec.get("seed", 0)), **kw)
+    if compression is not None:
+        student = compress_student_vocab(student, teacher, compression)
+    return student
+
+
+def build_vocab_compression(config, teacher: Model, rate: float):
+    """GLMD vocabulary compression from token frequencies of the run's corpus and the teacher's embeddings."""
+    from kdjax import vocab as vocab_lib
+    from kdjax.data import pipeline
+    from kdjax.data import tasks as tasks_lib
+    vc = _cfg_get(config, "vocab_compression")
+    if teacher.tokenizer is None:
+        raise ConfigError("vocabulary compression counts token frequencies with the teacher's tokenizer; "
+                          "load the teacher from a directory with tokenizer files")
+    data = _cfg_get(config, "data")
+    spec = _cfg_get(data, _cfg_get(vc, "data", "corpus")) or _cfg_get(data, "train")
+    task = tasks_lib.get_task(_cfg_get(spec, "task", "kdjax_corpus"))
+    loader = pipeline.make_task_loader(task, "train", teacher.tokenizer, data_dir=_cfg_get(spec, "data_dir"),
+                                       max_length=int(_cfg_get(spec, "max_length", 128)), batch_size=64,
+                                       shuffle=False, num_epochs=1, drop_remainder=False, pack=False)
+    pad = teacher.tokenizer.pad_token_id
+    freqs = vocab_lib.count_token_frequencies(
+        (b["input_ids"][b["attention_mask"] == 1] for b in loader), teacher.config.vocab_size,
+        ignore_ids=() if pad is None else (pad,))
+    required = []
+    for word in (getattr(task, "verbalizer", None) or ()):
+        required += teacher.tokenizer.convert_tokens_to_ids(teacher.tokenizer.tokenize(word))
+    embeddings = np.asarray(flat_params(teacher.params)["embed/word/embedding"], np.float32)
+    unk = teacher.tokenizer.unk_token_id
+    return vocab_lib.VocabCompression.build(
+        freqs, embeddings, rate=rate, special_ids=vocab_lib.special_token_ids(teacher.tokenizer),
+        required_ids=tuple(required), rule=_cfg_get(vc, "rule", "dot"), unk_id=unk)
+
+
+def compress_student_vocab(student: Model, teacher: Model, compression) -> Model:
+    """Student embedding / LM-head rows = the teacher's rows of the kept tokens (GLMD-vc)."""
+    t_flat = flat_params(teacher.params)
+    s_flat = dict(flat_params(student.params))
+    for key in ("embed/word/embedding", "mlm_bias"):
+        if key in t_flat and key in s_flat:
+            s_flat[key] = compression.compress_rows(np.asarray(t_flat[key]))
+    if "decoder/kernel" in t_flat and "decoder/kernel" in s_flat:
+        s_flat["decoder/kernel"] = np.asarray(t_flat["decoder/kernel"])[:, np.asarray(compression.kept_ids)]
+    params = params_from_flat(student.params, s_flat, student.config.params_dtype)
+    from kdjax.vocab import CompressedTokenizer
+    tokenizer = CompressedTokenizer(student.tokenizer, compression) if student.tokenizer is not None else None
+    return Model(student.config, student.graphdef, params, tokenizer, source=student.source,
+                 id2label=student.id2label)
 
 
 def with_head(model: Model, head: str, num_labels: Optional[int] = None) -> Model:
@@ -134,11 +184,17 @@ class Distillation:
         self.method = build_method(_cfg_get(config, "method", "kd"), _as_dict(_cfg_get(config, "method_args")))
         self.teachers = dict(teachers) if teachers is not None else load_teachers(config)
         first_teacher = next(iter(self.teachers.values()))[0]
-        self.student = student if student is not None else build_student(config, first_teacher, self.method)
+        self.compression = None
+        rate = float(_cfg_get(_cfg_get(config, "vocab_compression"), "rate", 0.0) or 0.0)
+        if rate:
+            self.compression = build_vocab_compression(config, first_teacher, rate)
+        if student is None:
+            student = build_student(config, first_teacher, self.method, compression=self.compression)
+        self.student = student
         self.train_cfg = _cfg_get(config, "train", ml_collections.ConfigDict())
         self._runners: dict[int, StageRunner] = {}
         self._stage_student: dict[int, Model] = {}
-        self.vocab_map = None
+        self.vocab_map = self.compression.slice_teacher_logits if self.compression is not None else None
         for i, stage in enumerate(self.method.stages):
             for t_name, (teacher, _) in self._stage_teachers(stage).items():
                 terms_lib.validate_terms(stage.terms, self._student_config_for(stage), teacher.config,
@@ -217,7 +273,7 @@ class Distillation:
         vocab_map = self.vocab_map
 
         def eval_fn(params, aux, teacher_params, batch):
-            s_out, s_inter = forward(student.graphdef, params, batch, student_taps)
+            s_out, s_inter = forward(student.graphdef, params, step_lib.student_view(batch), student_taps)
             metrics: dict = {}
             for t in teachers:
                 t_out, t_inter = forward(t.graphdef, teacher_params[t.name], batch, t.taps)
@@ -262,10 +318,16 @@ class Distillation:
         return runner.eval_fn(state.params, state.aux, self.teacher_params(stage), self.prepare_batch(batch))
 
     def prepare_batch(self, batch: Mapping[str, Any]) -> dict:
-        keep = ("input_ids", "attention_mask", "token_type_ids", "labels", "position_ids")
+        keep = ("input_ids", "attention_mask", "token_type_ids", "labels", "position_ids", "student_input_ids",
+                "student_labels")
         out = {k: jnp.asarray(v) for k, v in batch.items() if k in keep}
         if self.student.config.type_vocab_size == 0 and all(m.config.type_vocab_size == 0 for m, _ in self.teachers.values()):
             out.pop("token_type_ids", None)
+        if self.compression is not None:
+            # The teacher reads original ids; the student reads (and predicts) remapped ones.
+            out["student_input_ids"] = self.compression.remap_ids(out["input_ids"])
+            if "labels" in out and out["labels"].shape == out["input_ids"].shape:
+                out["student_labels"] = self.compression.remap_ids(out["labels"])
         return out
 
     def student_model(self, state: step_lib.TrainState, stage: Optional[int] = None) -> Model:

@@ -95,6 +95,16 @@ def scope_mask(params, scope: str):
     return jax.tree_util.tree_map_with_path(leaf_mask, params)
 
 
+def student_view(batch: Mapping[str, Any]) -> dict:
+    """The student's inputs: remapped ids under vocabulary compression, else the batch itself."""
+    if "student_input_ids" not in batch:
+        return dict(batch)
+    view = dict(batch, input_ids=batch["student_input_ids"])
+    if "student_labels" in batch:
+        view["labels"] = batch["student_labels"]
+    return view
+
+
 def build_step(*, student_graphdef, student_config: ModelConfig, student_taps: TapSpec,
                               teachers: Sequence[TeacherSpec], terms: Sequence[Term], tx: optax.GradientTransformation,
                               total_steps: int, grad_accum: int = 1, update_mask=None, vocab_map=None) -> Callable:
@@ -112,7 +122,7 @@ def build_step(*, student_graphdef, student_config: ModelConfig, student_taps: T
 
     def loss_fn(trainable, batch, teacher_results, progress):
         with jax.named_scope("student"):
-            s_out, s_inter = forward(student_graphdef, trainable["student"], batch, student_taps)
+            s_out, s_inter = forward(student_graphdef, trainable["student"], student_view(batch), student_taps)
         total = jnp.zeros((), jnp.float32)
         metrics: dict = {}
         for t in teachers:

@@ -162,7 +162,7 @@ def term_loss(term: Term, aux: Mapping[str, Any], s_out, s_inter, t_out, t_inter
             return fn(s_logits, t_logits, mask, name=name, **kw)
         return fn(s_logits, t_logits, None, name=name, **kw)
     if src == "labels":
-        logits, labels = s_out.logits, batch["labels"]
+        logits, labels = s_out.logits, batch.get("student_labels", batch["labels"])
         if logits.ndim == 3:
             if student.causal:
                 logits, labels = logits[:, :-1], labels[:, 1:]

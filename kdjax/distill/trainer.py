@@ -49,7 +49,8 @@ def make_stage_loader(run, stage_index: int, *, seed: int, role: str = "train"):
     spec = _cfg(data_cfg, stage.data) or _cfg(data_cfg, "train")
     if spec is None:
         raise ValueError(f"stage {stage.name!r} reads config.data.{stage.data}, which is not set")
-    tokenizer = run.student.tokenizer or next(iter(run.teachers.values()))[0].tokenizer
+    # Batches carry the teacher's token ids; a compressed-vocabulary student gets remapped ids per batch.
+    tokenizer = next(iter(run.teachers.values()))[0].tokenizer or run.student.tokenizer
     if tokenizer is None:
         raise ValueError("neither the student nor the teacher has a tokenizer; load the teacher from a directory "
                                           "with tokenizer files")
@@ -210,7 +211,7 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
 
     data_cfg = _cfg(run.config, "data")
     mlm_prob = float(_cfg(data_cfg, "mlm_probability", 0.0) or 0.0)
-    tokenizer = run.student.tokenizer or next(iter(run.teachers.values()))[0].tokenizer
+    tokenizer = next(iter(run.teachers.values()))[0].tokenizer or run.student.tokenizer
 
     params = None if restored_state is None else restored_state.params
     history = []

@@ -177,11 +177,14 @@ def combine(parts: Sequence[tuple[Method, float]], name: Optional[str] = None) -
 
 
 def build_method(spec: Any, args: Optional[Mapping[str, Any]] = None) -> Method:
-    """A `Method` from a config entry: `"tinybert"`, or `[("minilmv2", 1.0), ("kd", 0.5)]`.
+    """A `Method` from a config entry: `"tinybert"`, `"minilmv2+kd*0.5"` or `[("minilmv2", 1.0), ("kd", 0.5)]`.
 
     `args` maps method name -> keyword arguments for its builder (or is the arguments of a single method).
     """
     args = dict(args or {})
+    if isinstance(spec, str) and "+" in spec:
+        # "minilmv2+unified" or "kd*0.5+minilmv2": a mix written as one string (config-flag friendly).
+        spec = [(p.split("*")[0].strip(), float(p.split("*")[1]) if "*" in p else 1.0) for p in spec.split("+")]
     if isinstance(spec, str):
         per = args.get(spec, args if all(not isinstance(v, Mapping) for v in args.values()) else {})
         return get_method(spec, **dict(per))
