@@ -7,14 +7,14 @@ MiniLMv2 Q/K/V self-attention relations on the last layer plus hidden-state MSE 
 layers (TinyBERT map 6 -> 3), student initialized from teacher layers 1, 3, 5. Runs in a few minutes
 on a 2-core CPU and writes summary.json (parameter counts, final loss, held-out student-teacher cosine
 before and after distillation, latency and speedup), student/ (Hugging Face layout) and loss.png.
-Options: `:steps=600,batch=32`.
+Options: `:steps=300,batch=32,max_length=64,lr=2e-4` (the defaults).
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, steps=400, batch=32, max_length=64, lr=2e-4)
+    args = common.parse_arg(arg, steps=300, batch=32, max_length=64, lr=2e-4)
     c = common.base_config()
     c.teacher.path = common.MINILM
     c.student.num_layers = 3
