@@ -469,7 +469,49 @@ def _flag_values():
                          lower_bound=0, flag_values=fv)
     flags.DEFINE_bool("latency", False, "Also time the jitted forward at [batch_size, max_length].", flag_values=fv)
     flags.DEFINE_string("output", None, "Also write the JSON result to this path.", flag_values=fv)
+    flags.DEFINE_string("config", None, "A configs/<recipe>.py[:arg] file: evaluate that run's student (restored "
+                        "from --checkpoint) against the run's teacher, instead of --model/--teacher.", flag_values=fv)
+    flags.DEFINE_string("checkpoint", None, "With --config: the run's workdir (or its checkpoints/ folder); the "
+                        "latest checkpoint is restored.", flag_values=fv)
     return fv
+
+
+def load_config_file(spec: str):
+    """`path/to/config.py[:arg]` -> the ConfigDict its `get_config(arg)` returns (as the CLI loads it)."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    for root in (os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(path)))):
+        if root not in sys.path:
+            sys.path.insert(0, root)  # configs import `configs.common`, as under `python -m kdjax.main`
+    module_spec = importlib.util.spec_from_file_location("_kdjax_eval_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def restore_run_student(config, checkpoint: str):
+    """(student Model, teacher Model) of a run restored from the latest checkpoint under `checkpoint`."""
+    from kdjax.distill import Distillation
+    from kdjax.distill.trainer import Checkpointer
+
+    directory = checkpoint if os.path.basename(os.path.normpath(checkpoint)) == "checkpoints" else os.path.join(
+        checkpoint, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints under {checkpoint}; pass the run's --workdir")
+    run = Distillation(config)
+    ckpt = Checkpointer(directory, async_save=False)
+    try:
+        latest = ckpt.latest()
+        if latest is None:
+            raise FileNotFoundError(f"{directory} holds no checkpoint yet")
+        stage = int(ckpt.restore_meta(latest)["stage"])
+        state = ckpt.restore_state(latest, run.init_state(stage))
+    finally:
+        ckpt.close()
+    return run.student_model(state, stage), next(iter(run.teachers.values()))[0]
 
 
 def _take(batches: Iterable[Mapping[str, Any]], limit: int) -> Iterator[dict]:
@@ -503,22 +545,30 @@ def _run(fv) -> dict[str, Any]:
     import kdjax
     from kdjax.data import tasks as tasks_lib
 
-    if not fv.model:
-        raise ValueError("--model is required: pass the model directory to evaluate")
+    if fv.config:
+        if not fv.checkpoint:
+            raise ValueError("--config needs --checkpoint=WORKDIR (the run to evaluate)")
+        config = load_config_file(fv.config)
+    elif not fv.model:
+        raise ValueError("--model is required: pass the model directory to evaluate (or --config and --checkpoint)")
     spec = None
     if fv.sentences is None:
         spec = tasks_lib.get_task(fv.task)  # fail on a bad task name before loading any weights
         spec.split(fv.split)
-    elif not fv.teacher:
+    elif not fv.teacher and not fv.config:
         raise ValueError("--sentences compares two models; pass --teacher=DIR as the reference")
-    model = kdjax.load_pretrained(fv.model)
+    if fv.config:
+        model, teacher = restore_run_student(config, fv.checkpoint)
+        fv.model = f"{fv.checkpoint} (latest checkpoint)"
+    else:
+        model = kdjax.load_pretrained(fv.model)
+        teacher = kdjax.load_pretrained(fv.teacher) if fv.teacher else None
     if spec is not None and model.config.head != "classification":
         raise ValueError(f"{fv.model} has a {model.config.head!r} head, not a classifier; evaluate a fine-tuned "
                          "classifier on --task, or compare embeddings with --sentences=embedded --teacher=DIR")
-    teacher = kdjax.load_pretrained(fv.teacher) if fv.teacher else None
     result: dict[str, Any] = {"model": fv.model, "model_params": model.num_params}
     if teacher is not None:
-        result.update(teacher=fv.teacher, teacher_params=teacher.num_params)
+        result.update(teacher=fv.teacher or teacher.source, teacher_params=teacher.num_params)
 
     if spec is None:
         sentences = _read_sentences(fv.sentences, fv.max_examples)

@@ -371,3 +371,33 @@ def test_format_table():
     assert lines[0] == "| model | acc | params |"
     assert lines[2] == "| teacher | 0.9123 | 22713216 |"
     assert lines[3] == "| student | - |  |"
+
+
+def test_cli_evaluates_a_run_from_config_and_checkpoint(tmp_path):
+    """`python -m kdjax.evaluate --config=... --checkpoint=WORKDIR` restores the run's student."""
+    import json as _json
+    import subprocess
+    import sys as _sys
+
+    from distill_fixtures import save_teacher, tiny_teacher
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    teacher_dir = save_teacher(tiny_teacher(), str(tmp_path / "teacher"))
+    workdir = str(tmp_path / "run")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    env.pop("XLA_FLAGS", None)
+    common = [f"--config=tests/configs/tiny.py:steps=4"]
+    r = subprocess.run([_sys.executable, "-m", "kdjax.main", *common, f"--workdir={workdir}",
+                        f"--config.teacher.path={teacher_dir}"], cwd=repo, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+    # --config/--checkpoint cannot override config fields, so write a config file pointing at the teacher.
+    cfg = tmp_path / "eval_config.py"
+    tiny_src = open(os.path.join(repo, "tests", "configs", "tiny.py")).read()
+    cfg.write_text(tiny_src.replace('c.teacher.path = ""', f"c.teacher.path = {teacher_dir!r}"))
+    r = subprocess.run([_sys.executable, "-m", "kdjax.evaluate", f"--config={cfg}", f"--checkpoint={workdir}",
+                        "--task=kdjax_reviews", "--split=test", "--max_length=32", "--max_examples=40"],
+                       cwd=repo, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+    result = _json.loads(r.stdout)
+    assert result["num_examples"] == 40 and 0.0 <= result["accuracy"] <= 1.0
+    assert 0.0 <= result["agreement/top1"] <= 1.0
