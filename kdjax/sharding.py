@@ -664,6 +664,15 @@ def maybe_initialize_distributed(environ: Optional[Mapping[str, str]] = None, **
     reason = detect_multihost(environ)
     if reason is None:
         return False
+    env = os.environ if environ is None else environ
+    # Plain multi-node GPU hosts (no SLURM/MPI/TPU metadata): JAX_COORDINATOR_ADDRESS plus the process
+    # count and id, read here because jax.distributed.initialize() does not read the latter two itself.
+    if "JAX_NUM_PROCESSES" in env and "num_processes" not in initialize_kwargs:
+        initialize_kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if "JAX_PROCESS_ID" in env and "process_id" not in initialize_kwargs:
+        initialize_kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    if "JAX_COORDINATOR_ADDRESS" in env and "coordinator_address" not in initialize_kwargs:
+        initialize_kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
     logger.info("initializing jax.distributed (%s)", reason)
     jax.distributed.initialize(**initialize_kwargs)
     _DISTRIBUTED_STARTED = True

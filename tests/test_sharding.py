@@ -309,3 +309,12 @@ def test_maybe_initialize_distributed_is_guarded(monkeypatch):
     assert S.maybe_initialize_distributed(env, initialization_timeout=5) is True
     assert S.maybe_initialize_distributed(env) is False
     assert calls == [{"initialization_timeout": 5}]
+
+
+def test_plain_multinode_gpu_env_is_passed_to_initialize(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(S, "_DISTRIBUTED_STARTED", False)
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    assert S.maybe_initialize_distributed(env) is True
+    assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}]
