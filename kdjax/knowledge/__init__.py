@@ -10,6 +10,7 @@ are summed across hosts, micro-batches and uneven padding. The main metric of a 
 """
 
 from kdjax.knowledge._util import masked_mean
+from kdjax.knowledge.chunked import chunked_divergence
 from kdjax.knowledge.attention import (
     attention_kl,
     attention_score_mse,
@@ -52,6 +53,7 @@ TERMS = {
 __all__ = [
     "DIVERGENCE_KINDS",
     "TERMS",
+    "chunked_divergence",
     "masked_mean",
     "per_token_divergence",
     *TERMS,
