@@ -42,7 +42,6 @@ if REPO_ROOT not in sys.path:  # `configs/*.py` import `configs.common`; scripts
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "quickstart.py")
 PARTS = ("full_step", "teacher_forward", "student_step")
@@ -147,80 +146,32 @@ def build_teacher_forward(run, stage: int = 0) -> Callable:
     Exactly what the fused step computes for its teachers, but every output is materialized (returned),
     since a standalone program cannot know which of them a later loss will read.
     """
-    from kdjax.models.transformer import forward
-    teachers = run.runner(stage).teachers
-
-    def teacher_forward(teacher_params, batch):
-        results = {}
-        for t in teachers:
-            with jax.named_scope(f"teacher_{t.name}"):
-                results[t.name] = forward(t.graphdef, teacher_params[t.name], batch, t.taps)
-        return results
-
-    return jax.jit(teacher_forward)
+    from kdjax.distill import step as step_lib
+    return jax.jit(step_lib.build_teacher_pass(run.runner(stage).teachers))
 
 
 def build_student_step(run, stage: int = 0) -> Callable:
     """`jit(state, teacher_results, batch) -> (state, metrics)`: the fused step minus the teacher forward.
 
-    The body mirrors `kdjax.distill.step.build_step` term for term (student forward under
-    `value_and_grad`, `stage_loss` per teacher with the normalized teacher weights, the update mask,
-    the optimizer update and the same metrics) so that the student's share of the work is identical;
-    tests check that it yields the same loss and parameters as the run's step. Only
+    It is `kdjax.distill.step.build_student_step`, built from the same loss and update code as the
+    run's fused step, so the student's share of the work is identical; tests check that it yields the
+    same loss and parameters as the run's step. Only
     `grad_accum == 1` is supported: with accumulation the fused step interleaves teacher and student
     micro-batches, which has no precomputed-teacher equivalent.
     """
     from kdjax.distill import step as step_lib
-    from kdjax.distill import terms as terms_lib
     from kdjax.distill.run import _cfg_get
-    from kdjax.models.transformer import forward
 
     grad_accum = int(_cfg_get(run.train_cfg, "grad_accum", 1))
     if grad_accum != 1:
         raise ValueError(f"the step benchmark splits teacher and student only for grad_accum=1, got {grad_accum}; "
                          "pass --config.train.grad_accum=1 (and a larger --batch if needed)")
     runner = run.runner(stage)
-    terms = tuple(runner.stage.terms)
-    teachers = runner.teachers
-    weight_sum = sum(t.weight for t in teachers) or 1.0
-    student_config, student_graphdef, student_taps = runner.student_config, runner.student_graphdef, runner.student_taps
-    tx, update_mask, total_steps, vocab_map = runner.tx, runner.update_mask, runner.steps, run.vocab_map
-
-    def loss_fn(trainable, batch, teacher_results, progress):
-        with jax.named_scope("student"):
-            s_out, s_inter = forward(student_graphdef, trainable["student"], step_lib.student_view(batch), student_taps)
-        total = jnp.zeros((), jnp.float32)
-        metrics: dict = {}
-        for t in teachers:
-            t_out, t_inter = teacher_results[t.name]
-            loss, m = terms_lib.stage_loss(terms, trainable["aux"], s_out, s_inter, t_out, t_inter, batch,
-                                           progress=progress, student=student_config, teacher=t.config,
-                                           vocab_map=vocab_map)
-            total = total + (t.weight / weight_sum) * loss
-            if len(teachers) > 1:
-                m = {f"{t.name}/{k}": v for k, v in m.items()}
-            metrics = terms_lib.merge_metrics(metrics, m)
-        return total, metrics
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def student_step(state, teacher_results, batch):
-        progress = jnp.minimum(state.step.astype(jnp.float32) / max(total_steps, 1), 1.0)
-        trainable = state.trainable
-        teacher_results = jax.lax.stop_gradient(teacher_results)
-        (loss, metrics), grads = grad_fn(trainable, batch, teacher_results, progress)
-        if update_mask is not None:
-            grads = {"student": jax.tree.map(jnp.multiply, grads["student"], update_mask), "aux": grads["aux"]}
-        updates, opt_state = tx.update(grads, state.opt_state, trainable)
-        if update_mask is not None:
-            updates = {"student": jax.tree.map(jnp.multiply, updates["student"], update_mask), "aux": updates["aux"]}
-        new = optax.apply_updates(trainable, updates)
-        metrics = dict(metrics)
-        metrics["loss"] = (loss, jnp.ones((), jnp.float32))
-        metrics["grad_norm"] = (optax.tree.norm(grads), jnp.ones((), jnp.float32))
-        new_state = step_lib.TrainState(step=state.step + 1, params=new["student"], aux=new["aux"],
-                                        opt_state=opt_state, rng=jax.random.fold_in(state.rng, state.step))
-        return new_state, metrics
+    student_step = step_lib.build_student_step(
+        tx=runner.tx, total_steps=runner.steps, update_mask=runner.update_mask,
+        student_graphdef=runner.student_graphdef, student_config=runner.student_config,
+        student_taps=runner.student_taps, teachers=runner.teachers, terms=runner.stage.terms,
+        vocab_map=run.vocab_map)
 
     return jax.jit(student_step, donate_argnums=0)
 

@@ -15,7 +15,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from kdjax.distill import terms as terms_lib
 from kdjax.methods.base import Term
@@ -105,12 +104,8 @@ def student_view(batch: Mapping[str, Any]) -> dict:
     return view
 
 
-def build_step(*, student_graphdef, student_config: ModelConfig, student_taps: TapSpec,
-                              teachers: Sequence[TeacherSpec], terms: Sequence[Term], tx: optax.GradientTransformation,
-                              total_steps: int, grad_accum: int = 1, update_mask=None, vocab_map=None) -> Callable:
-    """The pure step function for one stage (jit it with the shardings of the caller's choice)."""
-    terms = tuple(terms)
-    weight_sum = sum(t.weight for t in teachers) or 1.0
+def build_teacher_pass(teachers: Sequence[TeacherSpec]) -> Callable:
+    """`(teacher_params, batch) -> {name: (outputs, intermediates)}`, frozen (`stop_gradient`)."""
 
     def teacher_pass(teacher_params: Mapping[str, Any], batch):
         results = {}
@@ -120,6 +115,15 @@ def build_step(*, student_graphdef, student_config: ModelConfig, student_taps: T
             results[t.name] = jax.lax.stop_gradient((out, inter))
         return results
 
+    return teacher_pass
+
+
+def build_loss_fn(*, student_graphdef, student_config: ModelConfig, student_taps: TapSpec,
+                  teachers: Sequence[TeacherSpec], terms: Sequence[Term], vocab_map=None) -> Callable:
+    """`(trainable, batch, teacher_results, progress) -> (loss, metrics)`: the student side of a step."""
+    terms = tuple(terms)
+    weight_sum = sum(t.weight for t in teachers) or 1.0
+
     def loss_fn(trainable, batch, teacher_results, progress):
         with jax.named_scope("student"):
             s_out, s_inter = forward(student_graphdef, trainable["student"], student_view(batch), student_taps)
@@ -128,16 +132,61 @@ def build_step(*, student_graphdef, student_config: ModelConfig, student_taps: T
         for t in teachers:
             t_out, t_inter = teacher_results[t.name]
             loss, m = terms_lib.stage_loss(terms, trainable["aux"], s_out, s_inter, t_out, t_inter, batch,
-                                                                          progress=progress, student=student_config, teacher=t.config,
-                                                                          vocab_map=vocab_map)
-            w = t.weight / weight_sum
-            total = total + w * loss
+                                           progress=progress, student=student_config, teacher=t.config,
+                                           vocab_map=vocab_map)
+            total = total + (t.weight / weight_sum) * loss
             if len(teachers) > 1:
                 m = {f"{t.name}/{k}": v for k, v in m.items()}
             metrics = terms_lib.merge_metrics(metrics, m)
         return total, metrics
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    return loss_fn
+
+
+def apply_update(state: TrainState, grads, loss, metrics, *, tx: optax.GradientTransformation,
+                 update_mask=None) -> tuple[TrainState, dict]:
+    """Masked optimizer update of (student, aux) and the step's `loss`/`grad_norm` metrics."""
+    trainable = state.trainable
+    if update_mask is not None:
+        grads = {"student": jax.tree.map(jnp.multiply, grads["student"], update_mask), "aux": grads["aux"]}
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    if update_mask is not None:
+        updates = {"student": jax.tree.map(jnp.multiply, updates["student"], update_mask), "aux": updates["aux"]}
+    new = optax.apply_updates(trainable, updates)
+    metrics = dict(metrics)
+    metrics["loss"] = (loss, jnp.ones((), jnp.float32))
+    metrics["grad_norm"] = (optax.tree.norm(grads), jnp.ones((), jnp.float32))
+    new_state = TrainState(step=state.step + 1, params=new["student"], aux=new["aux"], opt_state=opt_state,
+                           rng=jax.random.fold_in(state.rng, state.step))
+    return new_state, metrics
+
+
+def _progress(state: TrainState, total_steps: int):
+    return jnp.minimum(state.step.astype(jnp.float32) / max(total_steps, 1), 1.0)
+
+
+def build_student_step(*, tx: optax.GradientTransformation, total_steps: int, update_mask=None,
+                       **loss_kwargs) -> Callable:
+    """`(state, teacher_results, batch) -> (state, metrics)`: a step whose teacher outputs are inputs
+    (the step minus the teacher forward; used to measure the two parts apart)."""
+    grad_fn = jax.value_and_grad(build_loss_fn(**loss_kwargs), has_aux=True)
+
+    def student_step(state: TrainState, teacher_results, batch):
+        teacher_results = jax.lax.stop_gradient(teacher_results)
+        (loss, metrics), grads = grad_fn(state.trainable, batch, teacher_results, _progress(state, total_steps))
+        return apply_update(state, grads, loss, metrics, tx=tx, update_mask=update_mask)
+
+    return student_step
+
+
+def build_step(*, student_graphdef, student_config: ModelConfig, student_taps: TapSpec,
+               teachers: Sequence[TeacherSpec], terms: Sequence[Term], tx: optax.GradientTransformation,
+               total_steps: int, grad_accum: int = 1, update_mask=None, vocab_map=None) -> Callable:
+    """The pure step function for one stage (jit it with the shardings of the caller's choice)."""
+    teacher_pass = build_teacher_pass(teachers)
+    grad_fn = jax.value_and_grad(build_loss_fn(
+        student_graphdef=student_graphdef, student_config=student_config, student_taps=student_taps,
+        teachers=teachers, terms=terms, vocab_map=vocab_map), has_aux=True)
 
     def micro_step(trainable, batch, teacher_params, progress):
         teacher_results = teacher_pass(teacher_params, batch)
@@ -145,7 +194,7 @@ def build_step(*, student_graphdef, student_config: ModelConfig, student_taps: T
         return loss, metrics, grads
 
     def step(state: TrainState, teacher_params, batch):
-        progress = jnp.minimum(state.step.astype(jnp.float32) / max(total_steps, 1), 1.0)
+        progress = _progress(state, total_steps)
         trainable = state.trainable
         if grad_accum == 1:
             loss, metrics, grads = micro_step(trainable, batch, teacher_params, progress)
@@ -162,22 +211,11 @@ def build_step(*, student_graphdef, student_config: ModelConfig, student_taps: T
             first = jax.tree.map(lambda x: x[0], micro)
             metric_shapes = jax.eval_shape(lambda: micro_step(trainable, first, teacher_params, progress)[1])
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
-                              jax.tree.map(jnp.zeros_like, trainable))
+                     jax.tree.map(jnp.zeros_like, trainable))
             (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
             loss = loss / grad_accum
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
-        if update_mask is not None:
-            grads = {"student": jax.tree.map(jnp.multiply, grads["student"], update_mask), "aux": grads["aux"]}
-        updates, opt_state = tx.update(grads, state.opt_state, trainable)
-        if update_mask is not None:
-            updates = {"student": jax.tree.map(jnp.multiply, updates["student"], update_mask), "aux": updates["aux"]}
-        new = optax.apply_updates(trainable, updates)
-        metrics = dict(metrics)
-        metrics["loss"] = (loss, jnp.ones((), jnp.float32))
-        metrics["grad_norm"] = (optax.tree.norm(grads), jnp.ones((), jnp.float32))
-        new_state = TrainState(step=state.step + 1, params=new["student"], aux=new["aux"], opt_state=opt_state,
-                                                      rng=jax.random.fold_in(state.rng, state.step))
-        return new_state, metrics
+        return apply_update(state, grads, loss, metrics, tx=tx, update_mask=update_mask)
 
     return step
 
