@@ -12,7 +12,6 @@ students' agreement with the teacher. Each run resumes if interrupted (rerun the
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -1,6 +1,5 @@
 """Tiny teachers with the real MiniLM tokenizer, written to disk, and configs that train them in seconds."""
 
-import os
 
 import ml_collections
 

@@ -386,7 +386,7 @@ def test_cli_evaluates_a_run_from_config_and_checkpoint(tmp_path):
     workdir = str(tmp_path / "run")
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
     env.pop("XLA_FLAGS", None)
-    common = [f"--config=tests/configs/tiny.py:steps=4"]
+    common = ["--config=tests/configs/tiny.py:steps=4"]
     r = subprocess.run([_sys.executable, "-m", "kdjax.main", *common, f"--workdir={workdir}",
                         f"--config.teacher.path={teacher_dir}"], cwd=repo, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-1500:]

@@ -1,15 +1,13 @@
 """GLMD with vocabulary compression end to end on a tiny decoder teacher."""
 
-import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 import kdjax
 from distill_fixtures import save_teacher, tiny_config, tiny_teacher
-from kdjax import knowledge, vocab
+from kdjax import vocab
 from kdjax.distill import Distillation, metric_values
 from kdjax.distill.trainer import make_stage_loader
 from kdjax.hub.api import flat_params

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, Mapping, Optional
 
 import jax
@@ -23,7 +22,7 @@ from kdjax.distill import step as step_lib
 from kdjax.distill import terms as terms_lib
 from kdjax.hub.api import Model, flat_params, load_pretrained, params_from_flat
 from kdjax.hub.checkpoint import resolve_model_path  # noqa: F401  (re-exported for configs and tests)
-from kdjax.methods.base import Method, MethodError, Stage, build_method
+from kdjax.methods.base import Method, Stage, build_method
 from kdjax.models.config import ConfigError
 from kdjax.models.transformer import Transformer
 from kdjax.students import student_from

@@ -7,7 +7,7 @@ array functions and models stay ignorant of losses.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp

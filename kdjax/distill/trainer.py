@@ -14,13 +14,12 @@ import logging
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.distill import step as step_lib
 
 log = logging.getLogger("kdjax")
 

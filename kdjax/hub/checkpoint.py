@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-from kdjax.hub.families import IGNORED_SUFFIXES, WeightRow, tied_names, weight_table
+from kdjax.hub.families import IGNORED_SUFFIXES, tied_names, weight_table
 from kdjax.models.config import ModelConfig
 
 SAFETENSORS = "model.safetensors"
