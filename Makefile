@@ -39,5 +39,11 @@ test: $(VENV)/.test-deps
 bench: $(VENV)/.deps
 	$(BIN)/python benchmarks/step.py
 
+# AOT plan of the 100B-teacher KD step on a TPU pod slice (libtpu compiles for TPUs on this CPU).
+PLAN_TOPOLOGY ?= v5p:4x4x4
+plan: $(VENV)/.deps
+	$(BIN)/pip install --quiet libtpu==0.0.52
+	$(BIN)/python -m kdjax.plan --config=configs/scale_100b.py --topology=$(PLAN_TOPOLOGY)
+
 clean:
 	rm -rf workdir .pytest_cache
