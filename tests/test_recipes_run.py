@@ -12,6 +12,7 @@ from kdjax.methods import known_methods
 ENCODER = dict(head="classification")
 CASES = {
     "kd": dict(),
+    "supervised": dict(),
     "pkd": dict(),
     "pkd_last": dict(method="pkd", method_args={"strategy": "last"}),
     "tinybert": dict(),
