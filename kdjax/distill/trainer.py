@@ -206,6 +206,11 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
         log.info("resuming from %s: stage %d (%s), step %d", ckpt.directory, start_stage,
                           run.method.stages[start_stage].name, start_step)
     metrics_log = MetricsLog(workdir, resume_from_global_step=int(latest or 0))
+    if jax.process_index() == 0:
+        from kdjax.sharding import param_overview
+        for name, (teacher, _) in run.teachers.items():
+            log.info("teacher %r parameters:\n%s", name, param_overview(teacher.params))
+        log.info("student parameters:\n%s", param_overview(run.student.params))
     show = progress if progress is not None else (jax.process_index() == 0)
 
     data_cfg = _cfg(run.config, "data")
