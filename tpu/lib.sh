@@ -21,3 +21,20 @@ run() {
     "$@"
   fi
 }
+
+# Run one command on every worker of every slice in `nodes` (all slices at once, since multi-host JAX
+# programs block until every host joins); die with $2 if any slice fails. Expects `nodes`, `common`
+# (gcloud flags) and `die` from the caller.
+ssh_all_slices() {
+  local command="$1" failure="$2" node pid failed=0 pids=()
+  for node in "${nodes[@]}"; do
+    if [[ "$DRY_RUN" == 1 ]]; then
+      run gcloud compute tpus tpu-vm ssh "$node" --worker=all "${common[@]}" --command="$command"
+    else
+      gcloud compute tpus tpu-vm ssh "$node" --worker=all "${common[@]}" --command="$command" &
+      pids+=($!)
+    fi
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  [[ "$failed" == 0 ]] || die "$failure"
+}

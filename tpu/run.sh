@@ -114,16 +114,4 @@ common=(--zone="$ZONE")
 # MEGASCALE_* in the VM metadata, where jax.distributed.initialize() reads them.
 remote="cd ~/$REMOTE_DIR && $bootstrap && export KDJAX_DISTRIBUTED=${KDJAX_DISTRIBUTED:-1} PYTHONUNBUFFERED=1 && $kdjax_cmd"
 
-pids=()
-for node in "${nodes[@]}"; do
-  if [[ "$DRY_RUN" == 1 ]]; then
-    run gcloud compute tpus tpu-vm ssh "$node" --worker=all "${common[@]}" --command="$remote"
-  else
-    # All slices must start together: each blocks in jax.distributed.initialize until all hosts join.
-    gcloud compute tpus tpu-vm ssh "$node" --worker=all "${common[@]}" --command="$remote" &
-    pids+=($!)
-  fi
-done
-failed=0
-for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-[[ "$failed" == 0 ]] || die "kdjax.main failed on at least one slice; see the output above (a rerun resumes from the last checkpoint)"
+ssh_all_slices "$remote" "kdjax.main failed on at least one slice; see the output above (a rerun resumes from the last checkpoint)"

@@ -159,17 +159,5 @@ remote_install="cd ~/$REMOTE_DIR && bash tpu/setup.sh --local"
 for node in "${nodes[@]}"; do
   run gcloud compute tpus tpu-vm scp --recurse "$stage" "$node:~/" --worker=all "${common[@]}"
 done
-pids=()
-for node in "${nodes[@]}"; do
-  if [[ "$DRY_RUN" == 1 ]]; then
-    run gcloud compute tpus tpu-vm ssh "$node" --worker=all "${common[@]}" --command="$remote_install"
-  else
-    # Slices install in parallel; each one's workers already run concurrently under --worker=all.
-    gcloud compute tpus tpu-vm ssh "$node" --worker=all "${common[@]}" --command="$remote_install" &
-    pids+=($!)
-  fi
-done
-failed=0
-for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-[[ "$failed" == 0 ]] || die "the install failed on at least one slice; see the output above, fix it and rerun (it is idempotent)"
+ssh_all_slices "$remote_install" "the install failed on at least one slice; see the output above, fix it and rerun (it is idempotent)"
 [[ "$DRY_RUN" == 1 ]] || echo "installed on ${nodes[*]}; next: tpu/run.sh --config=configs/quickstart.py --workdir=gs://BUCKET/run"
