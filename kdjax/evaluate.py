@@ -504,13 +504,13 @@ def restore_run_student(config, checkpoint: str):
     run = Distillation(config)
     ckpt = Checkpointer(directory, async_save=False)
     try:
-        latest = ckpt.latest()
-        if latest is None:
-            raise FileNotFoundError(f"{directory} holds no checkpoint yet")
-        stage = int(ckpt.restore_meta(latest)["stage"])
-        state = ckpt.restore_state(latest, run.init_state(stage))
+        restored = ckpt.restore_latest(run)
     finally:
         ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"{directory} holds no checkpoint yet")
+    _, meta, state = restored
+    stage = int(meta["stage"])
     return run.student_model(state, stage), next(iter(run.teachers.values()))[0]
 
 

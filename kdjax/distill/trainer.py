@@ -21,16 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
+from kdjax.distill.run import _cfg_get
+
 log = logging.getLogger("kdjax")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the run stopped with its last good checkpoint intact."""
-
-
-def _cfg(cfg, key, default=None):
-    from kdjax.distill.run import _cfg_get
-    return _cfg_get(cfg, key, default)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -42,10 +39,10 @@ def make_stage_loader(run, stage_index: int, *, seed: int, role: str = "train"):
     from kdjax.data import pipeline
     from kdjax.data import tasks as tasks_lib
     stage = run.method.stages[stage_index]
-    data_cfg = _cfg(run.config, "data")
+    data_cfg = _cfg_get(run.config, "data")
     if data_cfg is None:
         raise ValueError("the config has no data section: set config.data.train.task (e.g. 'kdjax_corpus')")
-    spec = _cfg(data_cfg, stage.data) or _cfg(data_cfg, "train")
+    spec = _cfg_get(data_cfg, stage.data) or _cfg_get(data_cfg, "train")
     if spec is None:
         raise ValueError(f"stage {stage.name!r} reads config.data.{stage.data}, which is not set")
     # Batches carry the teacher's token ids; a compressed-vocabulary student gets remapped ids per batch.
@@ -53,24 +50,24 @@ def make_stage_loader(run, stage_index: int, *, seed: int, role: str = "train"):
     if tokenizer is None:
         raise ValueError("neither the student nor the teacher has a tokenizer; load the teacher from a directory "
                                           "with tokenizer files")
-    kw = dict(max_length=int(_cfg(spec, "max_length", 128)), batch_size=int(_cfg(spec, "batch_size", 32)),
+    kw = dict(max_length=int(_cfg_get(spec, "max_length", 128)), batch_size=int(_cfg_get(spec, "batch_size", 32)),
                         shuffle=role == "train", seed=seed, num_epochs=None if role == "train" else 1,
                         drop_remainder=True)
-    if _cfg(spec, "pack") is not None:
-        kw["pack"] = bool(_cfg(spec, "pack"))
-    task = _cfg(spec, "task")
+    if _cfg_get(spec, "pack") is not None:
+        kw["pack"] = bool(_cfg_get(spec, "pack"))
+    task = _cfg_get(spec, "task")
     if task:
-        split_role = _cfg(spec, "split", "train") if role == "train" else _cfg(spec, "eval_split", "validation")
+        split_role = _cfg_get(spec, "split", "train") if role == "train" else _cfg_get(spec, "eval_split", "validation")
         return pipeline.make_task_loader(tasks_lib.get_task(task), split_role, tokenizer,
-                                                                          data_dir=_cfg(spec, "data_dir"), **kw)
-    path = _cfg(spec, "path")
+                                                                          data_dir=_cfg_get(spec, "data_dir"), **kw)
+    path = _cfg_get(spec, "path")
     if not path:
         raise ValueError(f"config.data.{stage.data} needs `task` (a registered task) or `path` (a local file)")
     from kdjax.data import sources
-    fmt = _cfg(spec, "format") or os.path.splitext(path)[1].lstrip(".")
+    fmt = _cfg_get(spec, "format") or os.path.splitext(path)[1].lstrip(".")
     source = {"jsonl": sources.JsonlSource, "csv": sources.CsvSource}.get(fmt, sources.TextFileSource)(path)
-    return pipeline.make_loader(source, tokenizer, text_fields=tuple(_cfg(spec, "text_fields", ("text",))),
-                                                            label_field=_cfg(spec, "label_field"), label_names=_cfg(spec, "label_names"), **kw)
+    return pipeline.make_loader(source, tokenizer, text_fields=tuple(_cfg_get(spec, "text_fields", ("text",))),
+                                                            label_field=_cfg_get(spec, "label_field"), label_names=_cfg_get(spec, "label_names"), **kw)
 
 
 def mlm_mask(batch: dict, *, probability: float, mask_id: int, vocab_size: int, special_ids, seed: int) -> dict:
@@ -123,6 +120,15 @@ class Checkpointer:
         restored = self.manager.restore(global_step, args=self.ocp.args.Composite(
                 state=self.ocp.args.StandardRestore(abstract)))["state"]
         return jax.tree.unflatten(treedef, [restored[str(i)] for i in range(len(leaves))])
+
+    def restore_latest(self, run):
+        """(global_step, metadata, train state) of the latest checkpoint of `run`, or None when there is none."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        meta = self.restore_meta(latest)
+        state = self.restore_state(latest, run.init_state(int(meta["stage"])))
+        return latest, meta, state
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -186,22 +192,21 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
     from kdjax.data import pipeline
     tc = run.train_cfg
     os.makedirs(workdir, exist_ok=True)
-    log_every = int(_cfg(tc, "log_every", 10))
-    ckpt_every = int(_cfg(tc, "checkpoint_every", 100))
-    eval_every = int(_cfg(tc, "eval_every", 0))
-    seed = int(_cfg(tc, "seed", 0))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(_cfg(tc, "keep_checkpoints", 3)),
-                                            async_save=bool(_cfg(tc, "async_checkpointing", True)))
+    log_every = int(_cfg_get(tc, "log_every", 10))
+    ckpt_every = int(_cfg_get(tc, "checkpoint_every", 100))
+    eval_every = int(_cfg_get(tc, "eval_every", 0))
+    seed = int(_cfg_get(tc, "seed", 0))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(_cfg_get(tc, "keep_checkpoints", 3)),
+                                            async_save=bool(_cfg_get(tc, "async_checkpointing", True)))
     offsets = np.cumsum([0] + [run.stage_steps(i) for i in range(run.num_stages)])
     total_steps = int(offsets[-1])
 
     start_stage, start_step, restored_state, iterator_state = 0, 0, None, None
-    latest = ckpt.latest()
-    if latest is not None:
-        meta = ckpt.restore_meta(latest)
+    latest = None
+    restored = ckpt.restore_latest(run)
+    if restored is not None:
+        latest, meta, restored_state = restored
         start_stage, start_step = int(meta["stage"]), int(meta["step"])
-        template = run.init_state(start_stage)
-        restored_state = ckpt.restore_state(latest, template)
         iterator_state = meta.get("data")
         log.info("resuming from %s: stage %d (%s), step %d", ckpt.directory, start_stage,
                           run.method.stages[start_stage].name, start_step)
@@ -213,8 +218,8 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
         log.info("student parameters:\n%s", param_overview(run.student.params))
     show = progress if progress is not None else (jax.process_index() == 0)
 
-    data_cfg = _cfg(run.config, "data")
-    mlm_prob = float(_cfg(data_cfg, "mlm_probability", 0.0) or 0.0)
+    data_cfg = _cfg_get(run.config, "data")
+    mlm_prob = float(_cfg_get(data_cfg, "mlm_probability", 0.0) or 0.0)
     tokenizer = next(iter(run.teachers.values()))[0].tokenizer or run.student.tokenizer
 
     params = None if restored_state is None else restored_state.params
@@ -332,9 +337,9 @@ def _average(pending) -> dict:
 
 def evaluate(run, state, stage_index: int, *, seed: int = 0, max_batches: Optional[int] = None) -> dict:
     """Mean stage losses on the eval split (and accuracy for classification students)."""
-    data_cfg = _cfg(run.config, "data")
-    spec = _cfg(data_cfg, run.method.stages[stage_index].data) or _cfg(data_cfg, "train")
-    if spec is None or not _cfg(spec, "task"):
+    data_cfg = _cfg_get(run.config, "data")
+    spec = _cfg_get(data_cfg, run.method.stages[stage_index].data) or _cfg_get(data_cfg, "train")
+    if spec is None or not _cfg_get(spec, "task"):
         return {}
     try:
         dataset = make_stage_loader(run, stage_index, seed=seed, role="eval")
