@@ -1,6 +1,9 @@
-# Shared by tpu/*.sh (sourced, not run). Expects DRY_RUN to be set by the caller.
+# shellcheck shell=bash
+# Shared by tpu/*.sh (sourced, not run). The caller defines `die MESSAGE` (prints its own
+# "tpu/<script>: error:" prefix and exits 2) and sets DRY_RUN before calling run().
 
-# Print (dry run) or execute one command; printed lines are quoted so they can be pasted into a shell.
+# Shell-quote the arguments so that a printed line can be pasted into a shell (and so that a command
+# string survives the remote shell of `gcloud ... ssh --command`). `--flag=value` keeps the flag bare.
 quote() {
   local arg sq="'" esc="'\\''" out=()
   for arg in "$@"; do
@@ -14,6 +17,8 @@ quote() {
   done
   echo "${out[*]}"
 }
+
+# Print (dry run: "+ " and the quoted command) or execute one command.
 run() {
   if [[ "$DRY_RUN" == 1 ]]; then
     echo "+ $(quote "$@")"
@@ -22,9 +27,60 @@ run() {
   fi
 }
 
+# The value of the option in $1, given as `--flag=value` or as `--flag value` (then $2); sets
+# OPT_VALUE and OPT_SHIFT (how many arguments to shift). One helper for every script, so that both
+# spellings work for every option:  --zone|--zone=*) opt_value "$@"; ZONE="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
+# An empty value, or a missing one (end of arguments, or the next argument is another option), is
+# an error rather than a silent default.
+OPT_VALUE=""
+OPT_SHIFT=1
+# shellcheck disable=SC2034  # OPT_SHIFT is read by the sourcing script
+opt_value() {
+  local flag="${1%%=*}"
+  if [[ "$1" == *=* ]]; then
+    OPT_VALUE="${1#*=}"
+    OPT_SHIFT=1
+  elif [[ $# -ge 2 && "$2" != -* ]]; then
+    OPT_VALUE="$2"
+    OPT_SHIFT=2
+  else
+    die "$flag needs a value, e.g. $flag=VALUE (see -h)"
+  fi
+  [[ -n "$OPT_VALUE" ]] || die "$flag needs a non-empty value, e.g. $flag=VALUE (see -h)"
+}
+
+# One-line error for an argument no case matched.
+unknown_option() {
+  die "unknown option '$1'; run tpu/$(basename "$0") -h for the options"
+}
+
+# The TPU VM nodes a command addresses and the gcloud flags that locate them, from TPU_NAME,
+# NUM_SLICES, ZONE and PROJECT: one node NAME, or NAME-0 ... NAME-(N-1) for a queued resource of N
+# slices (create.sh names them so via --node-prefix). Sets `nodes` and `common`.
+nodes=()
+common=()
+set_targets() {
+  local i
+  nodes=()
+  if [[ "$NUM_SLICES" == 1 ]]; then
+    nodes=("$TPU_NAME")
+  else
+    for ((i = 0; i < NUM_SLICES; i++)); do nodes+=("$TPU_NAME-$i"); done
+  fi
+  common=(--zone="$ZONE")
+  if [[ -n "$PROJECT" ]]; then common+=(--project="$PROJECT"); fi
+}
+
+# Checks shared by the scripts that address existing TPUs (one-line errors naming the fix).
+check_targets() {
+  [[ -n "$ZONE" ]] || die "ZONE is not set: export ZONE=<zone of the TPU> or pass --zone=us-east5-a"
+  [[ "$NUM_SLICES" =~ ^[1-9][0-9]*$ ]] || die "NUM_SLICES must be a positive integer, got '$NUM_SLICES'"
+  [[ "$TPU_NAME" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] \
+    || die "TPU_NAME '$TPU_NAME' is not a valid resource name: use lowercase letters, digits and '-'"
+}
+
 # Run one command on every worker of every slice in `nodes` (all slices at once, since multi-host JAX
-# programs block until every host joins); die with $2 if any slice fails. Expects `nodes`, `common`
-# (gcloud flags) and `die` from the caller.
+# programs block until every host joins); die with $2 if any slice fails. Call set_targets first.
 ssh_all_slices() {
   local command="$1" failure="$2" node pid failed=0 pids=()
   for node in "${nodes[@]}"; do

@@ -9,24 +9,27 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: tpu/run.sh [--name NAME] [--zone ZONE] [--num-slices N] [--project PROJECT] [--remote-dir DIR]
-                  [--config FILE[:ARGS]] [--workdir DIR] [--local] [--dry-run] [-h] [-- KDJAX_ARGS...]
+Usage: tpu/run.sh [--name=NAME] [--zone=ZONE] [--num-slices=N] [--project=PROJECT] [--remote-dir=DIR]
+                  [--config=FILE[:ARGS]] [--workdir=DIR] [--tfds-data-dir=DIR] [--local] [--dry-run] [-h]
+                  [KDJAX_ARGS...] [-- KDJAX_ARGS...]
 
-Runs on all workers:
+Runs on all workers of every slice at once (multi-host programs wait until every host has joined):
   gcloud compute tpus tpu-vm ssh NAME --worker=all --command \
-    "cd ~/DIR && .venv/bin/python -m kdjax.main --config=FILE --workdir=WORKDIR KDJAX_ARGS..."
+    "cd ~/DIR && export KDJAX_DISTRIBUTED=1 ... && .venv/bin/python -m kdjax.main --config=FILE --workdir=WORKDIR KDJAX_ARGS..."
 Arguments it does not know (e.g. --config.train.steps=50, --max_steps=100) go to kdjax.main, as does
-everything after "--".
+everything after "--". Every option is accepted as --flag=value or --flag value.
 
-  --config    a configs/<recipe>.py file, optionally with ':args'      (default: configs/quickstart.py)
-  --workdir   checkpoints, logs, student/ and summary.json; use gs://BUCKET/PATH on multi-host slices
-              so every host writes one shared checkpoint      (default: workdir/<recipe name>)
-  --local     run here instead (a single TPU VM, a GPU box, a laptop); no gcloud involved
-  --dry-run   print the commands instead of running them
+  --config         a configs/<recipe>.py file, optionally with ':args'   (default: configs/quickstart.py)
+  --workdir        checkpoints, logs, student/ and summary.json; use gs://BUCKET/PATH on multi-host
+                   slices so every host writes one shared checkpoint   (default: workdir/<recipe name>)
+  --tfds-data-dir  where prepared tfds data sets live, e.g. gs://BUCKET/tensorflow_datasets; exported
+                   as TFDS_DATA_DIR on every worker                     (default: $TFDS_DATA_DIR, if set)
+  --local          run here instead (a single TPU VM, a GPU box, a laptop); no gcloud involved
+  --dry-run        print the commands instead of running them
 
-Environment (flags win): TPU_NAME, ZONE, NUM_SLICES, PROJECT, REMOTE_DIR as for tpu/setup.sh.
-KDJAX_DISTRIBUTED=0 skips jax.distributed on the workers (set to 1 for remote runs by default, since
-TPU VMs do not export their host lists to ssh sessions).
+Environment (flags win): TPU_NAME, ZONE, NUM_SLICES, PROJECT, REMOTE_DIR as for tpu/setup.sh;
+TFDS_DATA_DIR as --tfds-data-dir. KDJAX_DISTRIBUTED=0 skips jax.distributed.initialize() on the
+workers (1 by default for remote runs, since TPU VMs do not export their host lists to ssh sessions).
 
 Examples:
   tpu/run.sh --config=configs/quickstart.py:steps=600 --workdir=gs://my-bucket/kdjax/qs
@@ -40,6 +43,7 @@ ZONE="${ZONE:-}"
 NUM_SLICES="${NUM_SLICES:-1}"
 PROJECT="${PROJECT:-}"
 REMOTE_DIR="${REMOTE_DIR:-kdjax}"
+TFDS_DATA_DIR="${TFDS_DATA_DIR:-}"
 CONFIG="configs/quickstart.py"
 WORKDIR=""
 LOCAL=0
@@ -47,22 +51,21 @@ DRY_RUN=0
 EXTRA=()
 
 die() { echo "tpu/run.sh: error: $*" >&2; exit 2; }
-need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value (see -h)"; }
 
-# quote() and run(): print (dry run) or execute one command.
+# quote(), run(), opt_value(), check_targets(), set_targets(), ssh_all_slices().
+# shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --name) need_value "$@"; TPU_NAME="$2"; shift 2 ;;
-    --zone) need_value "$@"; ZONE="$2"; shift 2 ;;
-    --num-slices) need_value "$@"; NUM_SLICES="$2"; shift 2 ;;
-    --project) need_value "$@"; PROJECT="$2"; shift 2 ;;
-    --remote-dir) need_value "$@"; REMOTE_DIR="$2"; shift 2 ;;
-    --config) need_value "$@"; CONFIG="$2"; shift 2 ;;
-    --config=*) CONFIG="${1#--config=}"; shift ;;
-    --workdir) need_value "$@"; WORKDIR="$2"; shift 2 ;;
-    --workdir=*) WORKDIR="${1#--workdir=}"; shift ;;
+    --name|--name=*) opt_value "$@"; TPU_NAME="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
+    --zone|--zone=*) opt_value "$@"; ZONE="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
+    --num-slices|--num-slices=*) opt_value "$@"; NUM_SLICES="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
+    --project|--project=*) opt_value "$@"; PROJECT="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
+    --remote-dir|--remote-dir=*) opt_value "$@"; REMOTE_DIR="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
+    --tfds-data-dir|--tfds-data-dir=*) opt_value "$@"; TFDS_DATA_DIR="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
+    --config|--config=*) opt_value "$@"; CONFIG="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
+    --workdir|--workdir=*) opt_value "$@"; WORKDIR="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
     --local) LOCAL=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -85,33 +88,31 @@ bootstrap="{ [ -x .venv/bin/python ] || bash tpu/setup.sh --local; }"
 
 if [[ "$LOCAL" == 1 ]]; then
   if [[ "$DRY_RUN" == 1 ]]; then
-    echo "+ cd $(quote "$REPO") && $bootstrap && $kdjax_cmd"
+    local_env=""
+    if [[ -n "$TFDS_DATA_DIR" ]]; then local_env="export $(quote "TFDS_DATA_DIR=$TFDS_DATA_DIR") && "; fi
+    echo "+ cd $(quote "$REPO") && $bootstrap && $local_env$kdjax_cmd"
     exit 0
   fi
   cd "$REPO"
   [[ -x .venv/bin/python ]] || bash tpu/setup.sh --local
+  if [[ -n "$TFDS_DATA_DIR" ]]; then export TFDS_DATA_DIR; fi
   exec bash -c "$kdjax_cmd"
 fi
 
-[[ -n "$ZONE" ]] || die "ZONE is not set: export ZONE=<zone of the TPU> or pass --zone us-east5-a (or use --local)"
-[[ "$NUM_SLICES" =~ ^[1-9][0-9]*$ ]] || die "NUM_SLICES must be a positive integer, got '$NUM_SLICES'"
+check_targets
 [[ "$REMOTE_DIR" =~ ^[A-Za-z0-9._-]+$ ]] || die "REMOTE_DIR must be a plain directory name under ~, got '$REMOTE_DIR'"
 if [[ "$WORKDIR" != gs://* ]]; then
   echo "tpu/run.sh: note: workdir '$WORKDIR' is local to each worker; on multi-host slices use gs://BUCKET/PATH" \
        "so that checkpoints are shared and a rerun resumes" >&2
 fi
 
-nodes=()
-if [[ "$NUM_SLICES" == 1 ]]; then
-  nodes=("$TPU_NAME")
-else
-  for ((i = 0; i < NUM_SLICES; i++)); do nodes+=("$TPU_NAME-$i"); done
-fi
-common=(--zone="$ZONE")
-[[ -n "$PROJECT" ]] && common+=(--project="$PROJECT")
+set_targets
 
 # Multislice needs no extra variables here: on queued-resource slices the TPU runtime publishes
 # MEGASCALE_* in the VM metadata, where jax.distributed.initialize() reads them.
-remote="cd ~/$REMOTE_DIR && $bootstrap && export KDJAX_DISTRIBUTED=${KDJAX_DISTRIBUTED:-1} PYTHONUNBUFFERED=1 && $kdjax_cmd"
+# TFDS_DATA_DIR travels explicitly: ssh sessions on the workers do not inherit this shell's environment.
+exports=("KDJAX_DISTRIBUTED=${KDJAX_DISTRIBUTED:-1}" PYTHONUNBUFFERED=1)
+if [[ -n "$TFDS_DATA_DIR" ]]; then exports+=("TFDS_DATA_DIR=$TFDS_DATA_DIR"); fi
+remote="cd ~/$REMOTE_DIR && $bootstrap && export $(quote "${exports[@]}") && $kdjax_cmd"
 
 ssh_all_slices "$remote" "kdjax.main failed on at least one slice; see the output above (a rerun resumes from the last checkpoint)"

