@@ -2,6 +2,7 @@
 from kdjax.hub.api import Model, Output, abstract_model, flat_params, load_pretrained, params_from_flat, save_pretrained
 from kdjax.hub.checkpoint import CheckpointError
 from kdjax.hub.families import config_from_hf, config_to_hf
+from kdjax.hub.streaming import ReadStats, load_sharded
 
 __all__ = ["Model", "Output", "abstract_model", "flat_params", "load_pretrained", "params_from_flat",
-           "save_pretrained", "CheckpointError", "config_from_hf", "config_to_hf"]
+           "save_pretrained", "CheckpointError", "config_from_hf", "config_to_hf", "ReadStats", "load_sharded"]

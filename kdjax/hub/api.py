@@ -127,6 +127,33 @@ def _load_tokenizer(directory: str):
     return AutoTokenizer.from_pretrained(directory)
 
 
+def check_model_type(hf: dict) -> None:
+    """One-line error for a `config.json` whose `model_type` kdjax cannot build."""
+    if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"unknown model_type {hf.get('model_type')!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def checkpoint_config(hf: dict, tensor_names: Sequence[str], *, dtype: Optional[str] = None,
+                      param_dtype: Optional[str] = None, head: Optional[str] = None, scan_layers: bool = True,
+                      remat_policy: str = "none", **config_overrides) -> ModelConfig:
+    """The `ModelConfig` for a checkpoint's `config.json` and tensor names, as every loader builds it.
+
+    `dtype` sets the compute dtype (and the parameter dtype unless `param_dtype` is given); BERT-style
+    encoders get a pooler exactly when the checkpoint holds one.
+    """
+    check_model_type(hf)
+    overrides = dict(config_overrides, scan_layers=scan_layers, remat_policy=remat_policy)
+    if dtype is not None:
+        overrides["dtype"] = dtype
+        overrides["param_dtype"] = param_dtype or dtype
+    elif param_dtype is not None:
+        overrides["param_dtype"] = param_dtype
+    if hf.get("model_type") in ("bert", "roberta") and "add_pooler" not in overrides:
+        # Encoders are saved with or without BERT's pooler; follow the checkpoint.
+        overrides["add_pooler"] = any(n.endswith("pooler.dense.weight") for n in tensor_names)
+    return config_from_hf(hf, head=head, **overrides)
+
+
 def load_pretrained(name_or_path: str, *, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
                                         head: Optional[str] = None, strict: bool = True, scan_layers: bool = True,
                                         remat_policy: str = "none", progress: bool = False, **config_overrides) -> Model:
@@ -137,19 +164,10 @@ def load_pretrained(name_or_path: str, *, dtype: Optional[str] = None, param_dty
     """
     directory = ckpt.resolve_checkpoint_dir(name_or_path)
     hf = ckpt.read_hf_config(directory)
-    overrides = dict(config_overrides, scan_layers=scan_layers, remat_policy=remat_policy)
-    if dtype is not None:
-        overrides["dtype"] = dtype
-        overrides["param_dtype"] = param_dtype or dtype
-    elif param_dtype is not None:
-        overrides["param_dtype"] = param_dtype
-    if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"unknown model_type {hf.get('model_type')!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    check_model_type(hf)
     reader = ckpt.TensorReader(directory)
-    if hf.get("model_type") in ("bert", "roberta") and "add_pooler" not in overrides:
-        # Encoders are saved with or without BERT's pooler; follow the checkpoint.
-        overrides["add_pooler"] = any(n.endswith("pooler.dense.weight") for n in reader.names())
-    config = config_from_hf(hf, head=head, **overrides)
+    config = checkpoint_config(hf, reader.names(), dtype=dtype, param_dtype=param_dtype, head=head,
+                               scan_layers=scan_layers, remat_policy=remat_policy, **config_overrides)
     graphdef, abstract = abstract_model(config)
     shapes = {k: tuple(v.shape) for k, v in flat_params(abstract).items()}
     flat = ckpt.load_flat_params(directory, config, shapes, strict=strict, progress=progress, reader=reader)

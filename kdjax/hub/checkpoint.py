@@ -185,18 +185,16 @@ def _unapply(transform: str, parts: list[np.ndarray]) -> np.ndarray:
     return parts[0]
 
 
-def load_flat_params(directory: str, config: ModelConfig, expected_shapes: dict[str, tuple],
-                                          *, strict: bool = True, progress: bool = False,
-                                          reader: Optional[TensorReader] = None) -> dict[str, np.ndarray]:
-    """Checkpoint tensors as a flat `{kdjax_path: array}` with layers stacked, checked against shapes."""
-    reader = reader or TensorReader(directory)
+def match_tensor_names(directory: str, config: ModelConfig, names: list[str], *,
+                       strict: bool = True) -> dict[str, str]:
+    """`{weight-table HF name: name in the checkpoint}`, raising one-line errors for missing tensors
+    and (when `strict`) unexpected ones. Checkpoints saved with or without the base-model prefix
+    (`bert.`, `model.`, ...) are both accepted."""
     rows, prefix = weight_table(config)
-    names = reader.names()
     needed = set()
     for r in rows:
         for i in (range(config.num_layers) if r.per_layer else [None]):
             needed.add(r.hf.format(i=i) if r.per_layer else r.hf)
-    # Accept checkpoints saved with or without the base-model prefix (`bert.`, `model.`, ...).
     concrete = {}
     for name in names:
         for cand in (name, prefix + name if prefix else None, name[len(prefix):] if prefix and name.startswith(prefix) else None):
@@ -221,6 +219,28 @@ def load_flat_params(directory: str, config: ModelConfig, expected_shapes: dict[
         raise CheckpointError(f"checkpoint {directory} has {len(unexpected)} unexpected tensor(s): "
                                                     f"{', '.join(unexpected[:12])}{' ...' if len(unexpected) > 12 else ''} "
                                                     "(wrong head? pass head=... or strict=False)")
+    return concrete
+
+
+def shape_mismatch(name: str, got: tuple, path: str, expect: tuple) -> CheckpointError:
+    """The one-line error for a checkpoint tensor whose (transformed) shape is not the config's."""
+    return CheckpointError(f"shape mismatch for {name}: checkpoint gives {tuple(got)} "
+                           f"(as kdjax {path}), the config expects {tuple(expect)}")
+
+
+def transformed_shape(transform: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The kdjax shape `_apply(transform, tensor)` has for a checkpoint tensor of `shape`, computed on a
+    zero-stride view so no tensor memory is touched."""
+    return tuple(_apply(transform, np.broadcast_to(np.zeros((), np.int8), tuple(shape))).shape)
+
+
+def load_flat_params(directory: str, config: ModelConfig, expected_shapes: dict[str, tuple],
+                                          *, strict: bool = True, progress: bool = False,
+                                          reader: Optional[TensorReader] = None) -> dict[str, np.ndarray]:
+    """Checkpoint tensors as a flat `{kdjax_path: array}` with layers stacked, checked against shapes."""
+    reader = reader or TensorReader(directory)
+    rows, _ = weight_table(config)
+    concrete = match_tensor_names(directory, config, reader.names(), strict=strict)
     iterator = rows
     if progress:
         from tqdm.auto import tqdm
@@ -237,8 +257,7 @@ def load_flat_params(directory: str, config: ModelConfig, expected_shapes: dict[
             value = _apply(r.transform, reader.get(concrete[name]))
             expect = tuple(want[1:]) if r.per_layer else tuple(want)
             if tuple(value.shape) != expect:
-                raise CheckpointError(f"shape mismatch for {name}: checkpoint gives {tuple(value.shape)} "
-                                      f"(as kdjax {r.path}), the config expects {expect}")
+                raise shape_mismatch(name, value.shape, r.path, expect)
             arrays.append(value)
         flat[r.path] = np.stack(arrays) if r.per_layer else arrays[0]
     return flat
