@@ -250,6 +250,63 @@ def embedding_agreement(student, teacher, texts: Texts, *, tokenizer=None, **kw)
 
 # --- latency -------------------------------------------------------------------------------------
 
+def latency_inputs(model, *, batch_size: int, seq_len: int, seed: int = 0,
+                   vocab_size: Optional[int] = None) -> dict[str, jax.Array]:
+    """A device-resident ``[batch_size, seq_len]`` batch of random non-padding ids with a full mask.
+
+    `vocab_size` (default: the model's) bounds the ids, so two models with different vocabularies
+    can be timed on the same ids (draw below the smaller one). A learned position table shorter
+    than `seq_len` is a one-line error rather than an out-of-range gather.
+    """
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"need batch_size and seq_len >= 1; got batch_size={batch_size}, seq_len={seq_len}")
+    config = model.config
+    if config.position_embedding == "learned" and seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings="
+                         f"{config.max_position_embeddings}; pass a shorter seq_len")
+    vocab_size = int(vocab_size or config.vocab_size)
+    rng = np.random.default_rng(seed)
+    ids_bl = rng.integers(0, vocab_size, size=(batch_size, seq_len), dtype=np.int32)
+    if config.pad_token_id is not None and vocab_size > 1:
+        ids_bl = np.where(ids_bl == config.pad_token_id, (config.pad_token_id + 1) % vocab_size, ids_bl)
+    batch = {"input_ids": ids_bl, "attention_mask": np.ones_like(ids_bl)}
+    if config.type_vocab_size:
+        batch["token_type_ids"] = np.zeros_like(ids_bl)
+    return jax.device_put({k: jnp.asarray(v, jnp.int32) for k, v in batch.items()})
+
+
+def jitted_forward(model):
+    """``f(params, batch) -> logits`` (or the last hidden state for a base model), jitted: what is timed."""
+    graphdef = model.graphdef
+
+    def run(params, inputs):
+        outputs, _ = forward(graphdef, params, inputs)
+        return outputs.logits if outputs.logits is not None else outputs.last_hidden_state
+
+    return jax.jit(run)
+
+
+def time_call(fn, *args) -> float:
+    """Seconds for one call of `fn(*args)` including the device work (``jax.block_until_ready``)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0
+
+
+def latency_stats(times: Sequence[float], *, batch_size: int, seq_len: int) -> dict[str, Any]:
+    """Median, p90 (linear interpolation), mean and min seconds per batch of `times`, with the
+    throughput at the median: ``examples_per_s = batch_size / median_s`` and ``tokens_per_s =
+    batch_size * seq_len / median_s``. The median rather than the mean, so that a stray slow call
+    (another process taking the CPU, a page fault) does not move the result."""
+    if not times:
+        raise ValueError("no timings to summarize; run at least one repeat")
+    median = statistics.median(times)
+    return {"batch_size": batch_size, "seq_len": seq_len, "repeats": len(times),
+            "median_s": median, "p90_s": float(np.percentile(np.asarray(times, np.float64), 90)),
+            "mean_s": statistics.fmean(times), "min_s": min(times),
+            "tokens_per_s": batch_size * seq_len / median, "examples_per_s": batch_size / median}
+
+
 def measure_latency(model, *, batch_size: int = 32, seq_len: int = 128, repeats: int = 10,
                     warmup: int = 2, seed: int = 0) -> dict[str, Any]:
     """Wall-clock time of one jitted forward pass on a ``[batch_size, seq_len]`` batch.
@@ -257,48 +314,23 @@ def measure_latency(model, *, batch_size: int = 32, seq_len: int = 128, repeats:
     The batch (random non-padding ids, full attention mask) is placed on the device once; each
     timed call ends with ``jax.block_until_ready`` so asynchronous dispatch is not mistaken for
     speed. The first call (compilation) is reported apart as ``compile_s``; then ``warmup`` more
-    untimed calls, then ``repeats`` timed ones.
+    untimed calls, then ``repeats`` timed ones. To compare two models side by side (interleaved
+    timings) use ``python -m kdjax.benchmark_latency``.
 
-    Returns ``median_s``, ``mean_s``, ``min_s`` (seconds per batch), ``tokens_per_s`` and
+    Returns ``median_s``, ``p90_s``, ``mean_s``, ``min_s`` (seconds per batch), ``tokens_per_s`` and
     ``examples_per_s`` (from the median), ``compile_s`` and the settings.
     """
     if batch_size < 1 or seq_len < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need batch_size, seq_len, repeats >= 1 and warmup >= 0; got batch_size={batch_size}, "
                          f"seq_len={seq_len}, repeats={repeats}, warmup={warmup}")
-    config = model.config
-    if config.position_embedding == "learned" and seq_len > config.max_position_embeddings:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings="
-                         f"{config.max_position_embeddings}; pass a shorter seq_len")
-    rng = np.random.default_rng(seed)
-    ids_bl = rng.integers(0, config.vocab_size, size=(batch_size, seq_len), dtype=np.int32)
-    if config.pad_token_id is not None and config.vocab_size > 1:
-        ids_bl = np.where(ids_bl == config.pad_token_id, (config.pad_token_id + 1) % config.vocab_size, ids_bl)
-    batch = {"input_ids": ids_bl, "attention_mask": np.ones_like(ids_bl)}
-    if config.type_vocab_size:
-        batch["token_type_ids"] = np.zeros_like(ids_bl)
-    batch = jax.device_put({k: jnp.asarray(v, jnp.int32) for k, v in batch.items()})
-    graphdef = model.graphdef
-
-    def run(params, inputs):
-        outputs, _ = forward(graphdef, params, inputs)
-        return outputs.logits if outputs.logits is not None else outputs.last_hidden_state
-
-    fwd = jax.jit(run)
-    t0 = time.perf_counter()
-    jax.block_until_ready(fwd(model.params, batch))
-    compile_s = time.perf_counter() - t0
+    batch = latency_inputs(model, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    fwd = jitted_forward(model)
+    compile_s = time_call(fwd, model.params, batch)
     for _ in range(warmup):
         jax.block_until_ready(fwd(model.params, batch))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fwd(model.params, batch))
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return {"batch_size": batch_size, "seq_len": seq_len, "repeats": repeats,
-            "median_s": median, "mean_s": statistics.fmean(times), "min_s": min(times),
-            "tokens_per_s": batch_size * seq_len / median, "examples_per_s": batch_size / median,
-            "compile_s": compile_s, "platform": jax.devices()[0].platform}
+    times = [time_call(fwd, model.params, batch) for _ in range(repeats)]
+    return {**latency_stats(times, batch_size=batch_size, seq_len=seq_len), "compile_s": compile_s,
+            "platform": jax.devices()[0].platform}
 
 
 # --- classifiers ---------------------------------------------------------------------------------

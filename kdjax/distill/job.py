@@ -1,7 +1,17 @@
 """A whole job as the CLI runs it: build, measure the undistilled student, fit, measure again, report.
 
-Writes into the workdir: `checkpoints/`, `metrics.jsonl`, `tensorboard/`, `student/` (Hugging Face
-layout), `loss.png` and `summary.json`.
+Writes into the workdir:
+
+* `checkpoints/` (orbax) and `student/` (Hugging Face layout);
+* `metrics.jsonl`, one record per log step (losses, `term/<name>` per loss term, grad norm,
+  `steps_per_sec`, `tokens_per_sec`, `eval/...`);
+* `tensorboard/`, event files of the same scalars under `loss/total`, `loss/<term>`, `train/...`,
+  `perf/...` and `eval/...` (``tensorboard --logdir WORKDIR/tensorboard``);
+* `loss.png`, the total loss, and `plots/loss_<term>.png`, one PNG per loss term: separate files
+  because terms differ by orders of magnitude and each needs its own y axis. The x axis is the
+  global step, with a dashed line and the stage name where each stage of a multi-stage run begins;
+* `summary.json`, whose `loss_plots` maps `total` and each term name to its PNG (`loss_plot` is the
+  total, as before).
 """
 
 from __future__ import annotations
@@ -69,11 +79,12 @@ def run_job(config, workdir: str, *, max_steps: Optional[int] = None, progress: 
                                             "speedup": t_lat["median_s"] / max(s_lat["median_s"], 1e-12)}
     history = summary["history"]
     if jax.process_index() == 0:
-        losses = [r for r in history if "loss" in r]
-        if losses:
-            report.plot_curves(losses, os.path.join(workdir, "loss.png"), keys=("loss",),
-                                                  title=f"{summary['method']}: training loss")
-            out["loss_plot"] = os.path.join(workdir, "loss.png")
+        # metrics.jsonl holds the whole run, also the part before a resume, which `history` lacks.
+        metrics_path = os.path.join(workdir, "metrics.jsonl")
+        records = report.read_jsonl(metrics_path) if os.path.isfile(metrics_path) else history
+        if any("loss" in r for r in records):
+            out["loss_plots"] = report.plot_loss_terms(records, workdir, title=summary["method"])
+            out["loss_plot"] = out["loss_plots"]["total"]
         report.write_json(os.path.join(workdir, "summary.json"), out)
     return out
 

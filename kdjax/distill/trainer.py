@@ -142,8 +142,35 @@ class Checkpointer:
 # Logging
 
 
+#: TensorBoard tags of the record fields with a fixed meaning; `term/<name>` becomes `loss/<name>`, `eval/...`
+#: keeps its namespace (with `eval/loss` -> `eval/loss/total`), and any other field goes under `train/`.
+TENSORBOARD_TAGS = {"loss": "loss/total", "grad_norm": "train/grad_norm", "learning_rate": "train/learning_rate",
+                    "steps_per_sec": "perf/steps_per_sec", "tokens_per_sec": "perf/tokens_per_sec"}
+_NOT_SCALARS = ("step", "global_step", "stage")
+_warned_no_tensorboard = False
+
+
+def tensorboard_tag(key: str) -> str:
+    """The TensorBoard tag of a metrics.jsonl field, grouping losses, training signals, speed and eval."""
+    if key in TENSORBOARD_TAGS:
+        return TENSORBOARD_TAGS[key]
+    if key.startswith("term/"):
+        return "loss/" + key[len("term/"):]
+    if key.startswith("eval/"):
+        rest = key[len("eval/"):]
+        return "eval/" + tensorboard_tag(rest) if rest in ("loss",) or rest.startswith("term/") else key
+    return key if "/" in key else "train/" + key
+
+
 class MetricsLog:
-    """metrics.jsonl (append, one record per log step) plus TensorBoard when tensorboardX is present."""
+    """metrics.jsonl (append, one record per log step) plus TensorBoard event files under `tensorboard/`.
+
+    The event files are written with tensorboardX (a runtime dependency), so TensorBoard works without
+    TensorFlow; if it cannot be imported the run goes on with metrics.jsonl alone and says so once.
+    Both are flushed at every log step, so a killed run loses nothing that was logged. On resume the
+    writer purges TensorBoard events past the checkpoint (`purge_step`), as the JSONL file is trimmed,
+    so the curves of a resumed run read like an uninterrupted one.
+    """
 
     def __init__(self, workdir: str, resume_from_global_step: int = 0):
         self.path = os.path.join(workdir, "metrics.jsonl")
@@ -154,12 +181,9 @@ class MetricsLog:
             with open(self.path, "w") as f:
                 f.writelines(kept)
         self.writer = None
+        self.tensorboard_dir = os.path.join(workdir, "tensorboard")
         if jax.process_index() == 0:
-            try:
-                from tensorboardX import SummaryWriter
-                self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except Exception:  # TensorBoard is optional
-                self.writer = None
+            self.writer = _summary_writer(self.tensorboard_dir, resume_from_global_step)
 
     def write(self, record: dict) -> None:
         if jax.process_index() != 0:
@@ -168,12 +192,34 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "global_step", "stage"):
-                    self.writer.add_scalar(k, v, record["global_step"])
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _NOT_SCALARS:
+                    self.writer.add_scalar(tensorboard_tag(k), v, record["global_step"])
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+
+
+def _summary_writer(logdir: str, resume_from_global_step: int):
+    """A tensorboardX `SummaryWriter`, or None (with one warning per process) when it is unavailable.
+
+    Event file names carry only a timestamp in seconds, so a run restarted within the same second
+    would overwrite the previous file; the suffix (resume step, then process id) keeps every file and
+    sorts a resumed run's file after the one it continues, the order in which TensorBoard reads them.
+    """
+    global _warned_no_tensorboard
+    try:
+        from tensorboardX import SummaryWriter
+    except Exception as e:  # a broken install must not kill a training run
+        if not _warned_no_tensorboard:
+            _warned_no_tensorboard = True
+            log.warning("no TensorBoard events: tensorboardX cannot be imported (%s: %s); metrics go to "
+                        "metrics.jsonl only; run: pip install tensorboardX==2.6.5", type(e).__name__, e)
+        return None
+    return SummaryWriter(logdir, purge_step=resume_from_global_step + 1 if resume_from_global_step else None,
+                         filename_suffix=f".{resume_from_global_step:010d}.{os.getpid()}")
 
 
 def _non_finite_terms(values: dict) -> list[str]:
@@ -230,6 +276,7 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
     tokens_seen = 0
     try:
         from tqdm.auto import tqdm
+        # tqdm shows steps/s and the ETA; tokens/s and the loss are set as postfix at every log step.
         bar = tqdm(total=total_steps, initial=global_step, disable=not show, desc="distill", unit="step",
                               dynamic_ncols=True)
         for stage_index in range(start_stage, run.num_stages):
@@ -250,6 +297,7 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
             step_in_stage = int(start_step)
             last_time = time.perf_counter()
             last_logged_step = step_in_stage
+            last_logged_tokens = tokens_seen
             while step_in_stage < runner.steps:
                 if max_steps is not None and global_step >= max_steps:
                     raise _Interrupted()
@@ -278,12 +326,14 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
                                 f"{'step ' + str(last_good) if last_good is not None else 'none'} in {ckpt.directory}")
                     now = time.perf_counter()
                     rate = (step_in_stage - last_logged_step) / max(now - last_time, 1e-9)
-                    last_time, last_logged_step = now, step_in_stage
+                    token_rate = (tokens_seen - last_logged_tokens) / max(now - last_time, 1e-9)
+                    last_time, last_logged_step, last_logged_tokens = now, step_in_stage, tokens_seen
                     record = {"stage": stage_index, "stage_name": runner.stage.name, "step": step_in_stage,
-                                        "global_step": global_step, **values, "steps_per_sec": rate}
+                                        "global_step": global_step, **values, "steps_per_sec": rate,
+                                        "tokens_per_sec": token_rate}
                     history.append(record)
                     metrics_log.write(record)
-                    bar.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
+                    bar.set_postfix({"loss": f"{values['loss']:.4g}", "tok/s": f"{token_rate:,.0f}"}, refresh=False)
                 if eval_every and (step_in_stage % eval_every == 0 or at_end):
                     ev = evaluate(run, state, stage_index, seed=seed)
                     if ev:
