@@ -46,8 +46,45 @@ def _as_dict(cfg) -> dict:
     return dict(cfg)
 
 
-def load_teachers(config) -> dict[str, tuple[Model, float]]:
-    """`config.teachers = {name: {path, weight, dtype, head}}` or a single `config.teacher`."""
+def build_mesh(config):
+    """The device mesh of `config.mesh` over all devices, or None when the config has no mesh section.
+
+    With one device the mesh is trivial and the run takes the plain jitted path; with more, teacher and
+    student parameters, optimizer state and batches are laid out on the mesh by their rules.
+    """
+    spec = _cfg_get(config, "mesh")
+    if not spec:
+        return None
+    from kdjax import sharding as sharding_lib
+    return sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(_as_dict(spec)))
+
+
+def model_rules(config, role: str, name: Optional[str] = None) -> dict:
+    """Logical-axis rules of one model: the defaults for its role merged with `<model>.rules` overrides.
+
+    `role` is "teacher" (`config.teachers[name].rules`, else `config.teacher.rules`) or "student"
+    (`config.student.rules`). Activation rules are part of both defaults, so the two models' intermediates
+    meet in a loss with the same layout.
+    """
+    from kdjax import sharding as sharding_lib
+    if role == "student":
+        base, spec = sharding_lib.DEFAULT_STUDENT_RULES, _cfg_get(config, "student")
+    elif role == "teacher":
+        base = sharding_lib.DEFAULT_TEACHER_RULES
+        spec = _cfg_get(_cfg_get(config, "teachers"), name) if name else None
+        spec = spec or _cfg_get(config, "teacher")
+    else:
+        raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+    return sharding_lib.merge_rules(base, _as_dict(_cfg_get(spec, "rules")))
+
+
+def load_teachers(config, mesh=None) -> dict[str, tuple[Model, float]]:
+    """`config.teachers = {name: {path, weight, dtype, head}}` or a single `config.teacher`.
+
+    On a mesh of several devices, safetensors checkpoints are streamed straight into each teacher's
+    layout (`kdjax.hub.streaming.load_sharded`: every process reads only its devices' blocks, so no host
+    holds a whole large teacher); PyTorch `.bin` checkpoints are read whole and then placed.
+    """
     specs = _as_dict(_cfg_get(config, "teachers")) or {"teacher": _as_dict(_cfg_get(config, "teacher"))}
     if not any(specs.values()):
         raise ConfigError("the config names no teacher: set config.teacher.path (a HF directory or hub id)")
@@ -59,9 +96,24 @@ def load_teachers(config) -> dict[str, tuple[Model, float]]:
         for key in ("dtype", "head", "scan_layers", "remat_policy", "param_dtype"):
             if spec.get(key) is not None:
                 kw[key] = spec[key]
-        model = load_pretrained(resolve_model_path(spec["path"]), **kw)
+        path = resolve_model_path(spec["path"])
+        if mesh is not None and mesh.size > 1 and _is_safetensors_dir(path):
+            from kdjax.hub.streaming import load_sharded
+            from kdjax import sharding as sharding_lib
+            rules = sharding_lib.validate_rules(model_rules(config, "teacher", name), mesh)
+            model = load_sharded(path, mesh, rules, progress=jax.process_index() == 0, **kw)
+        else:
+            model = load_pretrained(path, **kw)
         teachers[name] = (model, float(spec.get("weight", 1.0)))
     return teachers
+
+
+def _is_safetensors_dir(path: str) -> bool:
+    from kdjax.hub import checkpoint as ckpt
+    try:
+        return ckpt.checkpoint_files(ckpt.resolve_checkpoint_dir(path, allow_download=False))[0] == "safetensors"
+    except Exception:  # a hub id or a broken directory: load_pretrained reports it in one line
+        return False
 
 
 def build_student(config, teacher: Model, method: Method, compression=None) -> Model:
@@ -156,6 +208,42 @@ class StageRunner:
     step_fn: Any  # jitted
     eval_fn: Any  # jitted
     update_mask: Any = None
+    state_shardings: Any = None  # a TrainState of NamedShardings on a multi-device mesh, else None
+
+
+class _MeshStep:
+    """The stage step jitted with explicit in/out shardings on a mesh.
+
+    State and teacher parameters have fixed layouts; the batch is split over the student's `act_batch`
+    axes. One program is compiled per batch structure (the fields a stage feeds do not change during a
+    run, so in practice one), and a host batch is placed with `kdjax.sharding.shard_batch`, which checks
+    that its rows divide evenly over the data shards and, on several hosts, assembles the global batch
+    from each process's rows.
+    """
+
+    def __init__(self, step_fn, state_shardings, teacher_shardings, token_sharding, mesh):
+        from jax.sharding import NamedSharding, PartitionSpec
+        self.step_fn = step_fn
+        self.state_shardings = state_shardings
+        self.teacher_shardings = teacher_shardings
+        self.token_sharding = token_sharding
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self._compiled: dict = {}
+
+    def batch_shardings(self, batch: Mapping[str, Any]) -> dict:
+        from kdjax.sharding import _fit_to_rank
+        return {k: _fit_to_rank(self.token_sharding, np.ndim(v)) for k, v in batch.items()}
+
+    def __call__(self, state, teacher_params, batch):
+        from kdjax.sharding import shard_batch
+        shardings = self.batch_shardings(batch)
+        key = tuple(sorted((k, np.ndim(v)) for k, v in batch.items()))
+        fn = self._compiled.get(key)
+        if fn is None:
+            fn = jax.jit(self.step_fn, in_shardings=(self.state_shardings, self.teacher_shardings, shardings),
+                         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+            self._compiled[key] = fn
+        return fn(state, dict(teacher_params), shard_batch({k: np.asarray(v) for k, v in batch.items()}, shardings))
 
 
 class Distillation:
@@ -166,7 +254,8 @@ class Distillation:
         self.config = config
         self.workdir = workdir
         self.method = build_method(_cfg_get(config, "method", "kd"), _as_dict(_cfg_get(config, "method_args")))
-        self.teachers = dict(teachers) if teachers is not None else load_teachers(config)
+        self.mesh = build_mesh(config)
+        self.teachers = dict(teachers) if teachers is not None else load_teachers(config, self.mesh)
         first_teacher = next(iter(self.teachers.values()))[0]
         self.compression = None
         rate = float(_cfg_get(_cfg_get(config, "vocab_compression"), "rate", 0.0) or 0.0)
@@ -175,6 +264,11 @@ class Distillation:
         if student is None:
             student = build_student(config, first_teacher, self.method, compression=self.compression)
         self.student = student
+        self.student_rules: Optional[dict] = None
+        self.teacher_rules: dict[str, dict] = {}
+        self._teacher_shardings: dict[str, Any] = {}
+        if self.sharded:
+            self._place_teachers()
         self.train_cfg = _cfg_get(config, "train", ml_collections.ConfigDict())
         self._runners: dict[int, StageRunner] = {}
         self._stage_student: dict[int, Model] = {}
@@ -185,6 +279,26 @@ class Distillation:
                                                                   vocab_map=self.vocab_map is not None)
 
     # ----------------------------------------------------------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        """Whether the run lays its arrays out on a mesh of more than one device."""
+        return self.mesh is not None and self.mesh.size > 1
+
+    def _place_teachers(self) -> None:
+        """Validates every model's rules against the mesh and puts the teachers' weights in their layout."""
+        from kdjax import sharding as sharding_lib
+        self.student_rules = sharding_lib.validate_rules(model_rules(self.config, "student"), self.mesh)
+        placed = {}
+        for name, (teacher, weight) in self.teachers.items():
+            rules = sharding_lib.validate_rules(model_rules(self.config, "teacher", name), self.mesh)
+            self.teacher_rules[name] = rules
+            shardings = sharding_lib.param_shardings(teacher.params, self.mesh, rules)
+            self._teacher_shardings[name] = shardings
+            params = jax.device_put(teacher.params, shardings)  # a no-op for weights loaded in this layout
+            placed[name] = (Model(teacher.config, teacher.graphdef, params, teacher.tokenizer, source=teacher.source,
+                                  id2label=teacher.id2label), weight)
+        self.teachers = placed
+
     @property
     def num_stages(self) -> int:
         return len(self.method.stages)
@@ -244,10 +358,22 @@ class Distillation:
                 terms=stage.terms, tx=tx, total_steps=steps, grad_accum=int(_cfg_get(tc, "grad_accum", 1)),
                 update_mask=update_mask, vocab_map=self.vocab_map)
         eval_fn = self._build_eval(student, student_taps, teachers, stage)
+        state_shardings = None
+        if self.sharded:
+            from kdjax import sharding as sharding_lib
+            from kdjax.distill.sharded import train_state_layout
+            student_shardings = sharding_lib.param_shardings(student.params, self.mesh, self.student_rules)
+            aux_abstract = jax.eval_shape(lambda r: terms_lib.init_aux(stage.terms, s_cfg, teachers[0].config, r),
+                                          jax.ShapeDtypeStruct((2,), jnp.uint32))
+            _, state_shardings = train_state_layout(tx, student.params, student_shardings, aux_abstract, self.mesh)
+            jitted = _MeshStep(step_fn, state_shardings, {t.name: self._teacher_shardings[t.name] for t in teachers},
+                               sharding_lib.batch_sharding(self.mesh, self.student_rules), self.mesh)
+        else:
+            jitted = jax.jit(step_fn, donate_argnums=0)
         runner = StageRunner(index=index, stage=stage, steps=steps, teachers=teachers, student_config=s_cfg,
                                                   student_graphdef=student.graphdef, student_taps=student_taps, tx=tx,
-                                                  step_fn=jax.jit(step_fn, donate_argnums=0), eval_fn=jax.jit(eval_fn),
-                                                  update_mask=update_mask)
+                                                  step_fn=jitted, eval_fn=jax.jit(eval_fn), update_mask=update_mask,
+                                                  state_shardings=state_shardings)
         self._runners[index] = runner
         self._stage_student[index] = student
         return runner
@@ -287,10 +413,20 @@ class Distillation:
         teacher_cfg = runner.teachers[0].config
         aux = terms_lib.init_aux(runner.stage.terms, runner.student_config, teacher_cfg, rng)
         trainable = {"student": params, "aux": aux}
+        step = jnp.zeros((), jnp.int32)
+        if runner.state_shardings is not None:
+            sh = runner.state_shardings
+            trainable = jax.device_put(trainable, {"student": sh.params, "aux": sh.aux})
+            opt_state = jax.jit(runner.tx.init, out_shardings=sh.opt_state)(trainable)
+            step, rng = jax.device_put(step, sh.step), jax.device_put(rng, sh.rng)
+        else:
+            opt_state = None
         # Copy so that donation of the state never invalidates the caller's (or the model's) arrays.
         trainable = jax.tree.map(jnp.copy, trainable)
-        return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=trainable["student"], aux=trainable["aux"],
-                                                              opt_state=runner.tx.init(trainable), rng=rng)
+        if opt_state is None:
+            opt_state = runner.tx.init(trainable)
+        return step_lib.TrainState(step=step, params=trainable["student"], aux=trainable["aux"],
+                                                              opt_state=opt_state, rng=rng)
 
     def train_step(self, state: step_lib.TrainState, batch: Mapping[str, Any], stage: int = 0):
         """One jitted step of `stage`; returns the new state and `{name: (sum, count)}` metrics."""

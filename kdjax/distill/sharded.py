@@ -46,7 +46,7 @@ from kdjax.methods.base import Method, MethodError, build_method
 from kdjax.models.config import ModelConfig
 from kdjax.models.taps import TapSpec
 
-__all__ = ["ShardedStep", "batch_fields", "sharded_step"]
+__all__ = ["ShardedStep", "batch_fields", "sharded_step", "train_state_layout"]
 
 Rules = sharding_lib.Rules
 
@@ -194,6 +194,27 @@ class ShardedStep:
         return sharding_lib.shard_batch(host, self.batch_shardings)
 
 
+def train_state_layout(tx: optax.GradientTransformation, student_abstract: Any, student_shardings: Any,
+                       aux_abstract: Any, mesh: Mesh) -> tuple[step_lib.TrainState, step_lib.TrainState]:
+    """``(abstract TrainState, TrainState of shardings)`` for a student laid out by ``student_shardings``.
+
+    Every AdamW moment takes the sharding of the parameter it belongs to (`optax.tree_map_params`);
+    the aux projections, the step counter, the RNG key and the optimizer's counters are replicated.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    aux_shardings = jax.tree.map(lambda _: replicated, aux_abstract)
+    trainable_abstract = {"student": student_abstract, "aux": aux_abstract}
+    trainable_shardings = {"student": student_shardings, "aux": aux_shardings}
+    opt_abstract = jax.eval_shape(tx.init, trainable_abstract)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, trainable_shardings,
+                                          transform_non_params=lambda _: replicated, is_leaf=_is_sharding)
+    shardings = step_lib.TrainState(step=replicated, params=student_shardings, aux=aux_shardings,
+                                    opt_state=opt_shardings, rng=replicated)
+    abstract = step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=student_abstract,
+                                   aux=aux_abstract, opt_state=opt_abstract, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    return abstract, shardings
+
+
 def _per_teacher_rules(teacher_rules: Union[Rules, Mapping[str, Rules]], names: Sequence[str]) -> dict[str, Any]:
     """One rule set for all teachers, or ``{teacher name: rules}``."""
     if isinstance(teacher_rules, Mapping) and teacher_rules and set(teacher_rules) <= set(names) \
@@ -303,18 +324,7 @@ def sharded_step(student_config: ModelConfig, teacher_configs: Mapping[str, Mode
         return terms_lib.init_aux(terms, student_config, first_teacher, rng)
 
     aux_abstract = jax.eval_shape(aux_init, jax.ShapeDtypeStruct((2,), jnp.uint32))
-    aux_shardings = jax.tree.map(lambda _: replicated, aux_abstract)
-    trainable_abstract = {"student": student_abstract, "aux": aux_abstract}
-    trainable_shardings = {"student": student_shardings, "aux": aux_shardings}
-    opt_abstract = jax.eval_shape(tx.init, trainable_abstract)
-    # Moments mirror their parameter's sharding; counts and schedule state are replicated.
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, trainable_shardings,
-                                          transform_non_params=lambda _: replicated, is_leaf=_is_sharding)
-    state_shardings = step_lib.TrainState(step=replicated, params=student_shardings, aux=aux_shardings,
-                                          opt_state=opt_shardings, rng=replicated)
-    state_abstract = step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=student_abstract,
-                                         aux=aux_abstract, opt_state=opt_abstract,
-                                         rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    state_abstract, state_shardings = train_state_layout(tx, student_abstract, student_shardings, aux_abstract, mesh)
 
     token_sharding = sharding_lib.batch_sharding(mesh, student_rules)
     b, s = _check_batch(batch_shape, grad_accum, token_sharding)
