@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax.knowledge import divergence
-from kdjax.knowledge.chunked import chunked_divergence, num_chunks
+from kdjax.knowledge.chunked import LinearHead, chunked_divergence, num_chunks
 from kdjax.models import preset, split
 from kdjax.models.transformer import init_model
 from kdjax.sharding import MeshConfig, make_mesh
@@ -178,8 +178,14 @@ def random_model(config, seed):
     return graphdef, params
 
 
-def test_nnx_lm_heads_match_unchunked():
-    """Real heads: an MLM student (transform + norm + tied decoder + bias) and an untied causal-LM teacher."""
+@pytest.mark.parametrize("linear", [False, True])
+def test_nnx_lm_heads_match_unchunked(linear):
+    """Real heads: an MLM student (transform + norm + tied decoder + bias) and an untied causal-LM teacher.
+
+    ``linear``: the student head is ``terms.lm_head`` (a `LinearHead`, custom_vjp path) instead of a
+    closure over ``lm_logits``; the gradients of the transform, norm, embedding and bias must still match.
+    """
+    from kdjax.distill.terms import lm_head
     vocab = 40
     small = dict(vocab_size=vocab, num_layers=1, num_heads=2, intermediate_size=32)
     s_graph, s_params = random_model(preset("bert", hidden_size=16, head="mlm", **small), seed=0)
@@ -188,7 +194,8 @@ def test_nnx_lm_heads_match_unchunked():
     hs, ht, _, _, mask = make_inputs(seed=6, d_s=16, d_t=24, v=vocab)
 
     def chunked(params, hs):
-        return chunked_divergence(hs, ht, lambda h: nnx.merge(s_graph, params).lm_logits(h),
+        head = lm_head(s_graph, params) if linear else (lambda h: nnx.merge(s_graph, params).lm_logits(h))
+        return chunked_divergence(hs, ht, head,
                                   lambda h: nnx.merge(t_graph, t_params).lm_logits(h), mask,
                                   kind="skew_kl", chunk_size=4)[0]
 
@@ -269,6 +276,37 @@ def test_sharded_vocab_matches_unsharded_and_never_gathers_logits():
     assert any(op == "all-gather" for op, _ in bad), bad
 
 
+def test_sharded_vocab_linear_head_vjp_matches_and_never_gathers():
+    """The custom_vjp path with strided vocabulary blocks (48 = 4 blocks of 12) on a V-sharded head."""
+    hs, ht, ws, wt, mask = make_inputs(seed=8)
+    bias = jnp.asarray(np.random.default_rng(8).standard_normal((V,)), jnp.float32)
+    mesh = make_mesh(MeshConfig(axes=("fsdp", "tensor"), ici=(2, 4)))
+
+    def grad_fn(hs, ws, bias, ht, wt):
+        def loss(hs, ws, bias):
+            return chunked_divergence(hs, ht, LinearHead(ws, bias), lambda h: h @ wt, mask, kind="reverse_kl",
+                                      temperature=TEMPERATURE, chunk_size=4, vocab_block_size=12)[0]
+        return jax.value_and_grad(loss, (0, 1, 2))(hs, ws, bias)
+
+    def full(hs, ws, bias):
+        return divergence(hs @ ws + bias, ht @ wt, mask, kind="reverse_kl", temperature=TEMPERATURE)[0]
+
+    step = jax.jit(grad_fn)
+    args = (jax.device_put(hs, NamedSharding(mesh, P("fsdp"))), jax.device_put(ws, NamedSharding(mesh, P(None, "tensor"))),
+            jax.device_put(bias, NamedSharding(mesh, P("tensor"))), jax.device_put(ht, NamedSharding(mesh, P("fsdp"))),
+            jax.device_put(wt, NamedSharding(mesh, P(None, "tensor"))))
+    loss, grads = step(*args)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(full, (0, 1, 2)))(hs, ws, bias)
+    np.testing.assert_allclose(loss, ref_loss, rtol=TOL, atol=TOL)
+    for got, ref in zip(grads, ref_grads):
+        assert float(jnp.abs(ref).max()) > 1e-4
+        np.testing.assert_allclose(got, ref, rtol=TOL, atol=TOL)
+    colls = _collectives(step.lower(*args).compile().as_text())
+    assert not [c for c in colls if c[0] in ("all-gather", "all-to-all")], colls
+    for _, shape in colls:
+        assert not re.search(rf"\b{V}\b", shape), shape
+
+
 # ---------------------------------------------------------------------------------------------
 # Compiled memory: the point of chunking.
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +333,49 @@ def test_compiled_temp_memory_is_a_fraction_of_unchunked():
         chunked.temp_size_in_bytes, full.temp_size_in_bytes)
     assert chunked.temp_size_in_bytes < logits_bytes / 2  # not even half of one [B, S, V] tensor
     assert chunked.output_size_in_bytes == full.output_size_in_bytes  # same gradients out
+
+
+def test_linear_head_vjp_removes_the_weight_gradient_floor():
+    """With a wide head (D=512) the autodiff path keeps one [D, V] buffer per chunk (25% of the unchunked
+    temp here); the LinearHead custom_vjp forms the weight gradient in [D, V/8] blocks and stays <= 10%."""
+    b, s, d, v, chunk = 1, 512, 512, 32_000, 16
+    abstract = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in ((b, s, d), (d, v), (b, s, d), (d, v))]
+
+    def temp(kind):
+        def loss(hs, ws, ht, wt):
+            if kind == "full":
+                return divergence(hs @ ws, ht @ wt)[0]
+            head = LinearHead(ws) if kind == "linear" else (lambda h: h @ ws)
+            return chunked_divergence(hs, ht, head, lambda h: h @ wt, chunk_size=chunk, vocab_block_size=4000)[0]
+        return jax.jit(jax.grad(loss, (0, 1))).lower(*abstract).compile().memory_analysis().temp_size_in_bytes
+
+    full, autodiff, linear = temp("full"), temp("autodiff"), temp("linear")
+    weight_grad_bytes = d * v * 4
+    assert autodiff >= weight_grad_bytes  # the floor this path cannot get under
+    assert autodiff > 0.10 * full, (autodiff, full)
+    assert linear <= 0.10 * full, (linear, full)
+    assert linear < weight_grad_bytes / 2
+
+
+def test_benchmark_runs_in_a_tiny_setting(tmp_path, capsys):
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "chunked_logits.py")
+    spec = importlib.util.spec_from_file_location("bench_chunked_logits", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from absl import flags
+    out = tmp_path / "cl.json"
+    flags.FLAGS(["chunked_logits.py", "--vocab=96", "--seq_len=16", "--dim=8", "--chunk_sizes=4",
+                 "--vocab_block_size=32", f"--output={out}"])
+    bench.main([])
+    saved = json.loads(out.read_text())
+    variants = [r["variant"] for r in saved["results"]]
+    assert variants == ["unchunked", "autodiff (4)", "linear vjp (4)"]
+    assert saved["config"]["vocab_blocks"] == 3
+    assert all(r["temp_bytes"] >= 0 for r in saved["results"]) and saved["results"][0]["temp_ratio"] == 1.0
+    assert "| linear vjp (4) |" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,13 @@ Teacher forwards, the student forward/backward and the optimizer update are one 
 that is never differentiated (their forward runs outside `value_and_grad`, under `stop_gradient`).
 Gradient accumulation splits the batch into micro-batches inside the step with `lax.scan`, so the
 host loop and the compiled program do not change with the accumulation factor.
+
+Chunked logit terms (a logit `divergence` term with `chunk_size`, see `kdjax.distill.terms`): the
+teacher pass built with the stage's `terms` runs each teacher without its LM head (`trunk_forward`) and
+hands its parameters on with its outputs, `{name: (outputs, intermediates, params)}`; the student's
+forward skips its head too, and the term recomputes both heads per sequence chunk from
+`last_hidden_state`, so the step never holds `[B, S, V]` logits. A head that another term still reads
+whole (an unchunked logit term, the hard-label cross-entropy) is computed as before.
 """
 
 from __future__ import annotations
@@ -15,12 +22,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from kdjax.distill import terms as terms_lib
 from kdjax.methods.base import Term
 from kdjax.models.config import ModelConfig
 from kdjax.models.taps import TapSpec
-from kdjax.models.transformer import forward
+from kdjax.models.transformer import forward, split
 
 
 @jax.tree_util.register_dataclass
@@ -104,15 +112,42 @@ def student_view(batch: Mapping[str, Any]) -> dict:
     return view
 
 
-def build_teacher_pass(teachers: Sequence[TeacherSpec]) -> Callable:
-    """`(teacher_params, batch) -> {name: (outputs, intermediates)}`, frozen (`stop_gradient`)."""
+def trunk_forward(graphdef, params, batch: Mapping[str, Any], taps: Any = None):
+    """`forward` without the LM head: `outputs.logits` is None, `outputs.last_hidden_state` is set.
+
+    The model is re-split with a `base` head config, so the head's parameters stay in `params` (same
+    tree, same arrays: gradients flow to the trunk as before) but the head is not applied.
+    """
+    model = nnx.merge(graphdef, params)
+    if model.config.head not in terms_lib.LM_HEADS:
+        return forward(graphdef, params, batch, taps)
+    model.config = model.config.replace(head="base")
+    trunk_graphdef, trunk_params = split(model)
+    return forward(trunk_graphdef, trunk_params, batch, taps)
+
+
+def _chunking(terms: Sequence[Term]) -> bool:
+    return any(terms_lib.logit_chunk_size(t) is not None for t in terms)
+
+
+def build_teacher_pass(teachers: Sequence[TeacherSpec], terms: Sequence[Term] = ()) -> Callable:
+    """`(teacher_params, batch) -> {name: (outputs, intermediates)}`, frozen (`stop_gradient`).
+
+    With chunked logit terms among `terms`, each entry is `(outputs, intermediates, params)`: the
+    teacher's parameters travel along for the per-chunk head, and its forward skips the LM head unless
+    an unchunked term reads the teacher's logits.
+    """
+    chunking = _chunking(terms)
+    full_logits = terms_lib.logits_needed(terms)[1] if chunking else True
 
     def teacher_pass(teacher_params: Mapping[str, Any], batch):
         results = {}
         for t in teachers:
             with jax.named_scope(f"teacher_{t.name}"):
-                out, inter = forward(t.graphdef, teacher_params[t.name], batch, t.taps)
-            results[t.name] = jax.lax.stop_gradient((out, inter))
+                run = forward if full_logits else trunk_forward
+                out, inter = run(t.graphdef, teacher_params[t.name], batch, t.taps)
+            result = (out, inter, teacher_params[t.name]) if chunking else (out, inter)
+            results[t.name] = jax.lax.stop_gradient(result)
         return results
 
     return teacher_pass
@@ -123,17 +158,24 @@ def build_loss_fn(*, student_graphdef, student_config: ModelConfig, student_taps
     """`(trainable, batch, teacher_results, progress) -> (loss, metrics)`: the student side of a step."""
     terms = tuple(terms)
     weight_sum = sum(t.weight for t in teachers) or 1.0
+    student_full_logits = terms_lib.logits_needed(terms)[0]
 
     def loss_fn(trainable, batch, teacher_results, progress):
+        # Chunked logit terms run only when every teacher result carries its parameters (a teacher pass
+        # built with the terms); otherwise they fall back to full logits, which both passes then compute.
+        chunking = _chunking(terms) and all(len(teacher_results[t.name]) == 3 for t in teachers)
+        run = trunk_forward if chunking and not student_full_logits else forward
         with jax.named_scope("student"):
-            s_out, s_inter = forward(student_graphdef, trainable["student"], student_view(batch), student_taps)
+            s_out, s_inter = run(student_graphdef, trainable["student"], student_view(batch), student_taps)
+        s_head = terms_lib.lm_head(student_graphdef, trainable["student"]) if chunking else None
         total = jnp.zeros((), jnp.float32)
         metrics: dict = {}
         for t in teachers:
-            t_out, t_inter = teacher_results[t.name]
+            t_out, t_inter, *t_params = teacher_results[t.name]
+            t_head = terms_lib.lm_head(t.graphdef, t_params[0]) if chunking else None
             loss, m = terms_lib.stage_loss(terms, trainable["aux"], s_out, s_inter, t_out, t_inter, batch,
                                            progress=progress, student=student_config, teacher=t.config,
-                                           vocab_map=vocab_map)
+                                           vocab_map=vocab_map, student_head=s_head, teacher_head=t_head)
             total = total + (t.weight / weight_sum) * loss
             if len(teachers) > 1:
                 m = {f"{t.name}/{k}": v for k, v in m.items()}
@@ -183,7 +225,7 @@ def build_step(*, student_graphdef, student_config: ModelConfig, student_taps: T
                teachers: Sequence[TeacherSpec], terms: Sequence[Term], tx: optax.GradientTransformation,
                total_steps: int, grad_accum: int = 1, update_mask=None, vocab_map=None) -> Callable:
     """The pure step function for one stage (jit it with the shardings of the caller's choice)."""
-    teacher_pass = build_teacher_pass(teachers)
+    teacher_pass = build_teacher_pass(teachers, terms)
     grad_fn = jax.value_and_grad(build_loss_fn(
         student_graphdef=student_graphdef, student_config=student_config, student_taps=student_taps,
         teachers=teachers, terms=terms, vocab_map=vocab_map), has_aux=True)

@@ -2,21 +2,33 @@
 
 This is the only place that knows how a term's `source` maps onto taps; knowledge functions stay pure
 array functions and models stay ignorant of losses.
+
+Chunked logit distillation: a `divergence` term on `logits` whose args hold `chunk_size` (e.g. the `kd`
+recipe's `chunk_size=256`, or `Term.with_args(chunk_size=256)`) is computed by
+`kdjax.knowledge.chunked_divergence` from the two models' final hidden states, recomputing both LM heads
+per sequence chunk, when the step passes the heads (`stage_loss(..., student_head=, teacher_head=)`,
+built by `lm_head`). The step then runs the forward passes without their LM heads (`logits_needed`),
+so no `[B, S, V]` logits exist. Without heads (e.g. an evaluation that wants the logits anyway) the same
+term falls back to the full logits: the value is the same either way.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+import numbers
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from kdjax import knowledge
+from kdjax.knowledge.chunked import LinearHead, chunked_divergence
 from kdjax.matching import layer_pairs
 from kdjax.methods.base import MethodError, Term
 from kdjax.models.config import ModelConfig
 from kdjax.models.taps import TapSpec
+from kdjax.models.transformer import _act
 
 HEAD_SENSITIVE = ("attention_score_mse", "attention_kl")
 LOGIT_FNS = ("divergence", "soft_cross_entropy", "logit_mse")
@@ -43,6 +55,49 @@ def schedule_value(value: Any, progress) -> Any:
     if kind == "cosine":
         return end + (start - end) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
     raise MethodError(f"unknown schedule {kind!r}; use 'linear' or 'cosine'")
+
+
+LM_HEADS = ("mlm", "causal_lm")
+
+
+def logit_chunk_size(term: Term) -> Optional[int]:
+    """The sequence chunk size of a chunked logit term, else None."""
+    if term.source != "logits":
+        return None
+    return term.kwargs.get("chunk_size")
+
+
+def logits_needed(terms: Sequence[Term]) -> tuple[bool, bool]:
+    """(student, teacher): whether a forward pass must compute its full LM logits for these terms.
+
+    Chunked logit terms read the final hidden states and recompute the head per chunk; every other
+    term that reads logits (an unchunked divergence, the hard-label cross-entropy) needs them whole.
+    """
+    student = any((t.source == "logits" and logit_chunk_size(t) is None) or t.source == "labels" for t in terms)
+    teacher = any(t.source == "logits" and logit_chunk_size(t) is None for t in terms)
+    return student, teacher
+
+
+def lm_head(graphdef, params) -> LinearHead:
+    """The LM head of a model as `pre(h) @ W + b`: the same logits as `Transformer.lm_logits`.
+
+    MLM: `pre` is the transform + activation + norm, `b` the MLM bias; causal LM: `pre` is the identity.
+    `W` is the untied decoder kernel `[D, V]` or the tied word-embedding matrix `[V, D]`.
+    """
+    model = nnx.merge(graphdef, params)
+    c = model.config
+    if c.head not in LM_HEADS:
+        raise MethodError(f"chunked logit terms need an LM head ('mlm' or 'causal_lm'), got a '{c.head}' model; "
+                          "drop chunk_size for this term")
+    pre = None
+    if c.head == "mlm":
+        def pre(h):
+            return model.mlm_norm(_act(c.activation, model.mlm_transform(h)))
+    bias = model.mlm_bias[...] if c.head == "mlm" else None
+    if model.decoder is not None:
+        return LinearHead(model.decoder.kernel[...], bias, pre=pre, dtype=model.decoder.dtype)
+    word = model.embed.word
+    return LinearHead(word.embedding[...], bias, pre=pre, vocab_major=True, dtype=word.dtype)
 
 
 def pairs_for(term: Term, student: ModelConfig, teacher: ModelConfig) -> tuple[tuple[int, int], ...]:
@@ -113,6 +168,13 @@ def validate_terms(terms: Sequence[Term], student: ModelConfig, teacher: ModelCo
             if student.head in ("mlm", "causal_lm") and student.vocab_size != teacher.vocab_size and not vocab_map:
                 raise MethodError(f"term {term.name!r}: student vocabulary ({student.vocab_size}) differs from the "
                                                     f"teacher's ({teacher.vocab_size}); use the same tokenizer or GLMD vocabulary compression")
+            chunk = term.kwargs.get("chunk_size")
+            if chunk is not None:
+                if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+                    raise MethodError(f"term {term.name!r}: chunk_size must be a positive integer, got {chunk!r}")
+                if term.fn != "divergence" or student.head not in LM_HEADS:
+                    raise MethodError(f"term {term.name!r}: chunk_size applies to 'divergence' terms of LM heads "
+                                      f"(mlm, causal_lm), not {term.fn} on a '{student.head}' head; drop chunk_size")
             if student.head == "classification" and student.num_labels != teacher.num_labels:
                 raise MethodError(f"term {term.name!r}: student has {student.num_labels} labels, teacher "
                                                     f"{teacher.num_labels}")
@@ -142,9 +204,26 @@ def _project(h, proj):
     return h.astype(jnp.float32) @ proj["kernel"] + proj["bias"]
 
 
+def _chunked_logit_term(term: Term, kw: dict, chunk: int, s_out, t_out, mask, *, student_head, teacher_head,
+                        vocab_map):
+    """A `divergence` term from the final hidden states, both heads recomputed per sequence chunk."""
+    if vocab_map is not None:
+        base_teacher_head = teacher_head
+
+        def teacher_head(h):
+            return vocab_map(base_teacher_head(h))
+    return chunked_divergence(s_out.last_hidden_state, t_out.last_hidden_state, student_head, teacher_head, mask,
+                              chunk_size=chunk, name=term.name, **kw)
+
+
 def term_loss(term: Term, aux: Mapping[str, Any], s_out, s_inter, t_out, t_inter, batch, *, progress,
-                            student: ModelConfig, teacher: ModelConfig, vocab_map=None):
-    """(unweighted loss, metrics) of one term."""
+              student: ModelConfig, teacher: ModelConfig, vocab_map=None,
+              student_head: Optional[Callable] = None, teacher_head: Optional[Callable] = None):
+    """(unweighted loss, metrics) of one term.
+
+    `student_head` / `teacher_head` (`lm_head` of each model) let a term with `chunk_size` compute its
+    divergence chunk by chunk from `last_hidden_state`; without them it uses the full logits.
+    """
     fn = knowledge.TERMS[term.fn]
     kw = term.kwargs
     if "temperature" in kw:
@@ -155,7 +234,14 @@ def term_loss(term: Term, aux: Mapping[str, Any], s_out, s_inter, t_out, t_inter
     src = term.source
 
     if src == "logits":
+        chunk = kw.pop("chunk_size", None)
+        if chunk is not None and student_head is not None and teacher_head is not None:
+            return _chunked_logit_term(term, kw, chunk, s_out, t_out, mask, student_head=student_head,
+                                       teacher_head=teacher_head, vocab_map=vocab_map)
         s_logits, t_logits = s_out.logits, t_out.logits
+        if s_logits is None or t_logits is None:
+            raise MethodError(f"term {term.name!r}: the forward pass computed no logits; pass student_head and "
+                              "teacher_head (terms.lm_head) for a chunked term, or run the full forward")
         if vocab_map is not None and s_logits.ndim == 3:
             t_logits = vocab_map(t_logits)
         if s_logits.ndim == 3:
@@ -223,13 +309,17 @@ def merge_metrics(a: Mapping[str, tuple], b: Mapping[str, tuple]) -> dict:
 
 
 def stage_loss(terms: Sequence[Term], aux, s_out, s_inter, t_out, t_inter, batch, *, progress,
-                              student: ModelConfig, teacher: ModelConfig, vocab_map=None):
-    """Σ weight·term and metrics: each term's knowledge metrics plus `term/<name>` (its weighted value)."""
+               student: ModelConfig, teacher: ModelConfig, vocab_map=None,
+               student_head: Optional[Callable] = None, teacher_head: Optional[Callable] = None):
+    """Σ weight·term and metrics: each term's knowledge metrics plus `term/<name>` (its weighted value).
+
+    `student_head` / `teacher_head`: see `term_loss` (chunked logit terms)."""
     total = jnp.zeros((), jnp.float32)
     metrics: dict = {}
     for term in terms:
         loss, m = term_loss(term, aux, s_out, s_inter, t_out, t_inter, batch, progress=progress, student=student,
-                                                teacher=teacher, vocab_map=vocab_map)
+                            teacher=teacher, vocab_map=vocab_map, student_head=student_head,
+                            teacher_head=teacher_head)
         weight = schedule_value(term.weight, progress)
         weighted = weight * loss
         total = total + weighted

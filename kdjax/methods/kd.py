@@ -203,7 +203,7 @@ def stage_overrides(stages: Sequence[Stage], what: str, steps: Optional[Mapping[
 
 @register("kd", "Hinton KD: (1-α)·CE(labels) + α·T²·KL(p_T‖q_T); α=0.5, T=10")
 def kd(*, alpha: Schedule = 0.5, temperature: Schedule = 10.0, kind: str = "forward_kl", positions: str = "all",
-       student_init: Union[str, tuple] = "uniform") -> Method:
+       student_init: Union[str, tuple] = "uniform", chunk_size: Optional[int] = None) -> Method:
     """Hinton et al. (2015): soft targets at temperature T plus the hard labels.
 
     Args:
@@ -212,14 +212,18 @@ def kd(*, alpha: Schedule = 0.5, temperature: Schedule = 10.0, kind: str = "forw
       kind: the divergence (`kdjax.knowledge.DIVERGENCE_KINDS`); Hinton's is `forward_kl`.
       positions: token-level logits: `"all"` valid tokens or only `"labeled"` ones (MLM/LM labels).
       student_init: `kdjax.students` initialization.
+      chunk_size: compute the soft term over sequence chunks of this many positions, recomputing the
+        LM heads per chunk, so `[B, S, V]` logits never exist (`kdjax.knowledge.chunked_divergence`;
+        same value and gradients). For large vocabularies; None computes full logits.
     """
     alpha = check_fraction(alpha, "kd: alpha")
+    chunk_args = {"chunk_size": check_positive_int(chunk_size, "kd: chunk_size")} if chunk_size is not None else {}
     temperature = check_temperature(temperature, "kd: temperature")
     kind = check_kind(kind, "kd: kind")
     positions = check_positions(positions, "kd: positions")
     student_init = check_student_init(student_init, "kd: student_init")
     terms = keep_nonzero(hard_label_term(complement(alpha), positions=positions),
-                         logit_kd_term(alpha, temperature, kind=kind, positions=positions), what="kd")
+                         logit_kd_term(alpha, temperature, kind=kind, positions=positions, **chunk_args), what="kd")
     return Method(name="kd", stages=(Stage("distill", terms),),
                   description=f"Hinton KD: {complement(alpha)}·CE + {alpha}·T²·{kind} at T={temperature}",
                   student_init=student_init)
