@@ -43,6 +43,8 @@ def get_config(arg=None):
     c.train.learning_rate = 1e-4
     c.train.warmup_steps = 1000
     c.train.schedule = "cosine"
-    c.mesh = dict(axes=("data", "fsdp", "tensor"), ici=(1, -1, args.tensor), dcn=(1, 1, 1))
+    # tensor = 8 spans two axes of a 4x4x4 torus (4 x 2), so the mesh may split a physical axis.
+    c.mesh = dict(axes=("data", "fsdp", "tensor"), ici=(1, -1, args.tensor), dcn=(1, 1, 1),
+                  allow_split_physical_axes=True)
     c.plan = dict(stage=0, strict=True)
     return c

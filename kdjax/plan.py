@@ -21,7 +21,8 @@ Topologies:
 * ``cpu:N`` -- N virtual CPU devices (``--xla_force_host_platform_device_count``; the CLI sets it
   before JAX starts), standing in for an N-accelerator box whose memory ``--device_memory_gb``
   gives, e.g. ``cpu:8 --device_memory_gb=40`` for 8 x A100-40GB. The CPU compiler's buffer
-  assignment is not a GPU's, so treat the numbers as an estimate of the sharded footprint.
+  assignment is not a GPU's, so treat the numbers as an estimate of the sharded footprint (compiled
+  with `CPU_COMPILER_OPTIONS`, so bf16 layer stacks are not counted again as float32 copies).
 
 The report gives XLA's per-device argument / output / alias / temp / generated-code bytes and their
 total ``argument + output - alias + temp + code`` (donated state outputs alias their inputs), the
@@ -59,12 +60,19 @@ from kdjax.distill.sharded import ShardedStep, sharded_step
 from kdjax.methods.base import build_method
 from kdjax.models.config import ConfigError, ModelConfig, preset
 
-__all__ = ["GIB", "MemoryUse", "PlanError", "PlanResult", "TPU_GENERATIONS", "TOPOLOGY_FORMS", "Topology",
-           "format_result", "get_topology", "models_from_config", "parse_topology", "plan", "plan_step",
-           "search", "search_candidates"]
+__all__ = ["CPU_COMPILER_OPTIONS", "GIB", "MemoryUse", "PlanError", "PlanResult", "TPU_GENERATIONS",
+           "TOPOLOGY_FORMS", "Topology", "compiler_options", "format_result", "get_topology", "models_from_config",
+           "parse_topology", "plan", "plan_step", "search", "search_candidates"]
 
 GIB = 1024 ** 3
 REMAT_SEARCH = ("none", "dots_no_batch", "full")
+# XLA's CPU compiler has no 16-bit float dynamic-slice: its float normalization converts a scanned
+# bf16 layer stack to float32 inside the loop body, and loop-invariant code motion then hoists that
+# convert out of the loop, so a cpu:N plan held every bf16 stack a second time at twice the size
+# (2x a bf16 teacher's shard of temporaries). GPUs and TPUs slice bf16 in place. Without the hoisting,
+# the convert fuses into each layer's slice and the plan counts one layer's float32 copy, as an
+# accelerator would hold one layer's slice. Plans never execute, so the slower loop costs nothing.
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 TOPOLOGY_FORMS = "cpu:N (with --device_memory_gb), v4:AxBxC, v5p:AxBxC, v5e:AxB, v6e:AxB"
 
 
@@ -202,6 +210,11 @@ def get_topology(name: str, device_memory_gb: Optional[float] = None) -> Topolog
     devices = _tpu_devices(spec)
     hbm = device_memory_gb if device_memory_gb is not None else TPU_GENERATIONS[spec.generation].hbm_gib
     return Topology(spec, devices, int(hbm * GIB))
+
+
+def compiler_options(topology: Topology) -> dict[str, str]:
+    """XLA options a plan compiles with on ``topology`` (`CPU_COMPILER_OPTIONS` for cpu:N, none for TPUs)."""
+    return dict(CPU_COMPILER_OPTIONS) if topology.spec.platform == "cpu" else {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,7 +428,7 @@ def plan_step(config: Any, topology: Topology, *, mesh_config: Optional[sharding
     t1 = time.perf_counter()
     memory, oom = None, None
     try:
-        memory = MemoryUse.from_compiled(lowered.compile())
+        memory = MemoryUse.from_compiled(lowered.compile(compiler_options=compiler_options(topology) or None))
     except Exception as e:  # noqa: BLE001 -- only a compile-time OOM is a plan outcome; the rest re-raise
         oom = _compiler_oom(e)
         if oom is None:

@@ -1,5 +1,6 @@
 """Model-level behaviour: declared taps, their cost, students, errors, compile time in depth."""
 
+import importlib.util
 import json
 import os
 import time
@@ -123,6 +124,44 @@ def test_scan_compile_time_flat_in_depth(capsys):
     t48 = min(compile_seconds(48) for _ in range(2))
     print(f"compile time: 6 layers {t6:.3f}s, 48 layers {t48:.3f}s, ratio {t48 / t6:.2f}")
     assert t48 <= 2.0 * t6 + 0.5
+
+
+def _frozen_teacher_temp_bytes(layers: int, platform: str) -> int:
+    """XLA's temp bytes for a bf16 Llama teacher's forward (no gradient), compiled as `kdjax.plan` does."""
+    from jax.sharding import SingleDeviceSharding
+
+    from kdjax import plan
+
+    config = preset("llama", vocab_size=128, hidden_size=256, num_layers=layers, num_heads=4, num_kv_heads=2,
+                    intermediate_size=1024, head="causal_lm", dtype="bfloat16", param_dtype="bfloat16",
+                    scan_layers=True, remat_policy="full")
+    topology = plan.get_topology("cpu:1", device_memory_gb=1) if platform == "cpu" else plan.get_topology("v5e:2x2")
+    place = SingleDeviceSharding(topology.devices[0])
+    graphdef, abstract = kdjax.hub.abstract_model(config)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place), abstract)
+    batch = {k: jax.ShapeDtypeStruct((2, 16), jnp.int32, sharding=place) for k in ("input_ids", "attention_mask")}
+
+    def teacher(p, b):
+        return forward(graphdef, jax.lax.stop_gradient(p), b, ("hidden_states",))[0].logits
+
+    compiled = jax.jit(teacher).lower(abstract, batch).compile(
+        compiler_options=plan.compiler_options(topology) or None)
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_scanned_bf16_layer_stack_is_not_copied(platform):
+    """Deeper frozen teachers need no more temporaries: the scan reads each layer's weights in place.
+
+    A copy of the stacked weights (as scan carry, a hoisted dtype conversion, or saved residuals)
+    would add at least one layer's weights per extra layer.
+    """
+    if platform == "tpu" and importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed")
+    d, ff, q_width, kv_width = 256, 1024, 4 * 64, 2 * 64
+    layer_bytes = 2 * (2 * d * q_width + 2 * d * kv_width + 3 * d * ff + 2 * d)  # q, o, k, v, MLP, 2 norms in bf16
+    growth = _frozen_teacher_temp_bytes(8, platform) - _frozen_teacher_temp_bytes(2, platform)
+    assert growth < layer_bytes, f"6 more layers added {growth / layer_bytes:.2f} layers' weights of temporaries"
 
 
 def test_student_from_real_teacher_layers():

@@ -168,3 +168,50 @@ def test_compiles_for_a_v5e_topology_without_a_tpu():
     assert r.memory.generated_code > 0  # real TPU code was generated
     # TPU buffers are padded to the chip's tiled layouts, so they hold at least the logical bytes.
     assert r.memory.alias >= r.state_bytes_per_device and r.memory.argument >= r.input_bytes_per_device
+
+
+def test_cpu_plans_do_not_count_bf16_layer_stacks_twice():
+    """A deeper bf16 teacher adds its sharded weights to the arguments and nothing to the temporaries.
+
+    XLA:CPU would otherwise hoist a float32 copy of every scanned bf16 stack out of the layer loop
+    (see `CPU_COMPILER_OPTIONS`), which no accelerator holds.
+    """
+    topo = P.get_topology("cpu:8", device_memory_gb=1.0)
+    results = {}
+    for layers in (2, 8):
+        c = tiny_config()
+        c.teacher.model.update(hidden_size=256, intermediate_size=1024, num_layers=layers, scan_layers=True,
+                               remat_policy="full")
+        results[layers] = P.plan_step(c, topo)
+    per_layer = (results[8].teacher_param_bytes_per_device - results[2].teacher_param_bytes_per_device) // 6
+    # By hand: q, o [256, 256], k, v [256, 128], gate/up/down [256, 1024] split 8 ways, two [256] norms whole.
+    assert per_layer == 2 * ((2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 1024) // 8 + 2 * 256)
+    growth = results[8].memory.temp - results[2].memory.temp
+    assert growth < per_layer, f"6 more teacher layers added {growth / per_layer:.2f} layers of temporaries"
+    assert P.compiler_options(topo) == P.CPU_COMPILER_OPTIONS
+    assert P.compiler_options(P.Topology(P.parse_topology("v5e:2x2"), [], 1)) == {}
+
+
+def test_bert_large_tinybert_config_distills_attention_across_head_counts():
+    """BERT-large (16 heads) -> TinyBERT-4 (12 heads) keeps attention knowledge as a relation term."""
+    import importlib
+
+    from kdjax.methods.base import build_method
+
+    config = importlib.import_module("configs.bert_large_tinybert").get_config()
+    method = build_method(config.method, config.method_args.to_dict())
+    general = method.stages[0]
+    assert [s.name for s in method.stages] == ["general", "task_intermediate", "task_prediction"]
+    fns = {t.fn: t for t in general.terms}
+    assert "attention_score_mse" not in fns and "hidden_mse" in fns
+    relation = fns["qkv_relation_kl"]
+    assert relation.layers == "uniform" and relation.kwargs["num_relation_heads"] == 8
+    # The same recipe on shrunken models with the real head counts (16 vs 12) compiles and fits.
+    config.teacher.model.update(vocab_size=128, hidden_size=64, num_layers=4, intermediate_size=128,
+                                max_position_embeddings=32)
+    config.student.model.update(vocab_size=128, hidden_size=24, num_layers=2, intermediate_size=48,
+                                max_position_embeddings=32)
+    config.data.train.update(batch_size=8, max_length=16)
+    config.mesh = dict(axes=("data", "fsdp", "tensor"), ici=(-1, 4, 1), dcn=(1, 1, 1))
+    r = P.plan_step(config, P.get_topology("cpu:8", device_memory_gb=1.0))
+    assert r.fits and r.mesh_shape == {"data": 2, "fsdp": 4, "tensor": 1}
