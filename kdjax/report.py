@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -47,24 +46,16 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def write_json(path: PathLike, obj: Any, *, indent: Optional[int] = 2) -> str:
-    """Write `obj` as JSON atomically: a temporary file in the same folder, then ``os.replace``.
+    """Write `obj` as JSON atomically: a temporary file in the same folder, then ``os.replace``
+    (a ``gs://`` object write is atomic by itself).
 
     A reader (or a preempted job restarting) therefore sees either the old file or the complete
     new one, never a truncated one. Numpy/jax values are converted with :func:`to_jsonable`.
     """
+    from kdjax import fileio
     path = os.fspath(path)
     payload = json.dumps(to_jsonable(obj), indent=indent, sort_keys=True)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(payload + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    fileio.write_text(path, payload + "\n")
     return path
 
 
@@ -74,11 +65,11 @@ def read_jsonl(path: PathLike) -> list[dict[str, Any]]:
     A truncated *last* line — what a job killed mid-write leaves — is skipped; a malformed line
     anywhere else is an error naming the line.
     """
+    from kdjax import fileio
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not (fileio.exists(path) if fileio.is_remote(path) else os.path.isfile(path)):
         raise FileNotFoundError(f"no JSON-lines file at {path}; pass the run's metrics.jsonl")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = fileio.read_text(path).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     records = []
@@ -214,9 +205,11 @@ def plot_curves(records: Union[Sequence[Mapping[str, Any]], PathLike], out_png: 
         records = read_jsonl(records)
     fig = curve_figure(records, keys=keys, title=title, x_key=x_key, boundaries=boundaries, labels=labels,
                        xlim=xlim)
+    from kdjax import fileio
     out_png = os.fspath(out_png)
-    os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
-    fig.savefig(out_png, format="png")
+    with fileio.local_staging(out_png) as local:  # matplotlib writes local files; a gs:// target is copied up
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        fig.savefig(local, format="png")
     return out_png
 
 
@@ -224,6 +217,11 @@ def loss_terms(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """The names of the per-term losses in training records (``term/<name>`` keys), in first-seen order."""
     return list(dict.fromkeys(k.split("/", 1)[1] for r in records for k, v in r.items()
                               if k.startswith("term/") and _is_number(v)))
+
+
+def _join(*parts: str) -> str:
+    from kdjax import fileio
+    return fileio.join(*parts)
 
 
 def _file_safe(name: str) -> str:
@@ -250,14 +248,14 @@ def plot_loss_terms(records: Union[Sequence[Mapping[str, Any]], PathLike], out_d
     xs = [float(r[x_key]) for r in train if _is_number(r.get(x_key))]
     xlim = (min(xs), max(xs)) if xs else None  # every term's figure spans the whole run
     prefix = f"{title}: " if title else ""
-    paths = {"total": plot_curves(train, os.path.join(out_dir, "loss.png"), keys=("loss",), x_key=x_key,
+    paths = {"total": plot_curves(train, _join(out_dir, "loss.png"), keys=("loss",), x_key=x_key,
                                   boundaries=boundaries, labels=("total loss",), title=f"{prefix}total loss",
                                   xlim=xlim)}
     for term in loss_terms(train):
         key = f"term/{term}"
         if not any(_is_number(r.get(key)) and math.isfinite(float(r[key])) for r in train):
             continue
-        paths[term] = plot_curves(train, os.path.join(out_dir, "plots", f"loss_{_file_safe(term)}.png"), keys=(key,),
+        paths[term] = plot_curves(train, _join(out_dir, "plots", f"loss_{_file_safe(term)}.png"), keys=(key,),
                                   x_key=x_key, boundaries=boundaries, labels=(f"{term} loss",),
                                   title=f"{prefix}{term} loss", xlim=xlim)
     return paths

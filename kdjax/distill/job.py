@@ -17,11 +17,11 @@ Writes into the workdir:
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Optional
 
 import jax
 
+from kdjax import fileio
 from kdjax.distill.run import Distillation, _cfg_get
 
 log = logging.getLogger("kdjax")
@@ -39,7 +39,7 @@ def _heldout_sentences(config, n: int) -> list[str]:
 
 def run_job(config, workdir: str, *, max_steps: Optional[int] = None, progress: Optional[bool] = None) -> dict:
     from kdjax import evaluate, report
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
     run = Distillation(config, workdir=workdir)
     teacher = next(iter(run.teachers.values()))[0]
     rep = _cfg_get(config, "report")
@@ -80,11 +80,11 @@ def run_job(config, workdir: str, *, max_steps: Optional[int] = None, progress: 
     history = summary["history"]
     if jax.process_index() == 0:
         # metrics.jsonl holds the whole run, also the part before a resume, which `history` lacks.
-        metrics_path = os.path.join(workdir, "metrics.jsonl")
-        records = report.read_jsonl(metrics_path) if os.path.isfile(metrics_path) else history
+        metrics_path = fileio.join(workdir, "metrics.jsonl")
+        records = report.read_jsonl(metrics_path) if fileio.exists(metrics_path) else history
         if any("loss" in r for r in records):
             out["loss_plots"] = report.plot_loss_terms(records, workdir, title=summary["method"])
             out["loss_plot"] = out["loss_plots"]["total"]
-        report.write_json(os.path.join(workdir, "summary.json"), out)
+        report.write_json(fileio.join(workdir, "summary.json"), out)
     return out
 

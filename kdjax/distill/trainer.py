@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
+from kdjax import fileio
 from kdjax.distill.run import _cfg_get
 
 log = logging.getLogger("kdjax")
@@ -97,7 +98,7 @@ class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
         import orbax.checkpoint as ocp
         self.ocp = ocp
-        self.directory = os.path.abspath(directory)
+        self.directory = directory if fileio.is_remote(directory) else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                                                       create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -173,23 +174,21 @@ class MetricsLog:
     """
 
     def __init__(self, workdir: str, resume_from_global_step: int = 0):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(self.path):
+        self.path = fileio.join(workdir, "metrics.jsonl")
+        if jax.process_index() == 0 and fileio.exists(self.path):
             # Drop records past the checkpoint we resume from, so a resumed log reads like an uninterrupted one.
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("global_step", 0) <= resume_from_global_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
+            kept = [line + "\n" for line in fileio.read_text(self.path).splitlines()
+                    if line.strip() and json.loads(line).get("global_step", 0) <= resume_from_global_step]
+            fileio.write_text(self.path, "".join(kept))
         self.writer = None
-        self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+        self.tensorboard_dir = fileio.join(workdir, "tensorboard")
         if jax.process_index() == 0:
             self.writer = _summary_writer(self.tensorboard_dir, resume_from_global_step)
 
     def write(self, record: dict) -> None:
         if jax.process_index() != 0:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        fileio.append_text(self.path, json.dumps(record) + "\n")
         if self.writer is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _NOT_SCALARS:
@@ -218,8 +217,24 @@ def _summary_writer(logdir: str, resume_from_global_step: int):
             log.warning("no TensorBoard events: tensorboardX cannot be imported (%s: %s); metrics go to "
                         "metrics.jsonl only; run: pip install tensorboardX==2.6.5", type(e).__name__, e)
         return None
-    return SummaryWriter(logdir, purge_step=resume_from_global_step + 1 if resume_from_global_step else None,
-                         filename_suffix=f".{resume_from_global_step:010d}.{os.getpid()}")
+    if logdir.startswith("gs://"):
+        try:
+            import google.cloud.storage  # noqa: F401  (tensorboardX's gs:// writer needs it)
+        except ImportError:
+            if not _warned_no_tensorboard:
+                _warned_no_tensorboard = True
+                log.warning("no TensorBoard events in %s: writing to gs:// needs google-cloud-storage "
+                            "(pip install gcsfs brings it); metrics go to metrics.jsonl only", logdir)
+            return None
+    try:
+        return SummaryWriter(logdir, purge_step=resume_from_global_step + 1 if resume_from_global_step else None,
+                             filename_suffix=f".{resume_from_global_step:010d}.{os.getpid()}")
+    except Exception as e:  # e.g. gs:// without google-cloud-storage (pip install gcsfs brings it)
+        if not _warned_no_tensorboard:
+            _warned_no_tensorboard = True
+            log.warning("no TensorBoard events in %s (%s: %s); metrics go to metrics.jsonl only", logdir,
+                        type(e).__name__, e)
+        return None
 
 
 def _non_finite_terms(values: dict) -> list[str]:
@@ -237,12 +252,12 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
     """
     from kdjax.data import pipeline
     tc = run.train_cfg
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
     log_every = int(_cfg_get(tc, "log_every", 10))
     ckpt_every = int(_cfg_get(tc, "checkpoint_every", 100))
     eval_every = int(_cfg_get(tc, "eval_every", 0))
     seed = int(_cfg_get(tc, "seed", 0))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(_cfg_get(tc, "keep_checkpoints", 3)),
+    ckpt = Checkpointer(fileio.join(workdir, "checkpoints"), keep=int(_cfg_get(tc, "keep_checkpoints", 3)),
                                             async_save=bool(_cfg_get(tc, "async_checkpointing", True)))
     offsets = np.cumsum([0] + [run.stage_steps(i) for i in range(run.num_stages)])
     total_steps = int(offsets[-1])
@@ -364,7 +379,10 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
     student = run.student_model(state)
     if export and jax.process_index() == 0:
         from kdjax.hub.api import save_pretrained
-        summary["student_dir"] = save_pretrained(student, os.path.join(workdir, "student"))
+        student_dir = fileio.join(workdir, "student")
+        with fileio.local_staging(student_dir) as local:  # safetensors writes local files; gs:// is copied up
+            save_pretrained(student, local)
+        summary["student_dir"] = student_dir
     summary["history"] = history
     summary["state"] = state
     return summary
