@@ -22,9 +22,10 @@ Per-device totals measured with the defaults (batch 16 x 2048): v5p:2x2x2 44.18 
 v5p:4x4x4 8.76 GiB, v4:4x4x4 9.24 GiB of 32 (fits); v5e:4x4 (16 GiB) and v6e:2x4 (32 GiB) do not fit
 (the TPU compiler asks for 22.75 / 40.68 GiB of temporaries); cpu:8 48.51 GiB: fits 80 GB, not 40 GB.
 
-Options (`:batch=16,seq=2048,tensor=4,remat=full,method=minillm`): global batch, sequence length,
-tensor-parallel width, the student's remat policy and the logit method (`minillm` reverse KL or `kd`
-forward KL at T=1 with no hard labels).
+Options (`:batch=16,seq=2048,tensor=4,remat=full,method=minillm,chunk=0`): global batch, sequence
+length, tensor-parallel width, the student's remat policy, the logit method (`minillm` reverse KL or
+`kd` forward KL at T=1 with no hard labels) and, with `chunk=N > 0`, the divergence computed over
+sequence chunks of N positions with both LM heads recomputed per chunk (no [B, S, V] logits).
 """
 
 from configs import common
@@ -47,7 +48,7 @@ def student_model(remat="full"):
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, batch=16, seq=2048, tensor=4, remat="full", method="minillm")
+    args = common.parse_arg(arg, batch=16, seq=2048, tensor=4, remat="full", method="minillm", chunk=0)
     c = common.base_config()
     c.teacher.path = ""
     c.teacher.dtype = "bfloat16"
@@ -63,6 +64,8 @@ def get_config(arg=None):
         c.method_args = dict(alpha=1.0, temperature=1.0)
     else:
         raise ValueError(f"scale_100b: method={args.method!r} is not one of minillm, kd")
+    if args.chunk:
+        c.method_args = dict(c.method_args, chunk_size=args.chunk)
     c.data.train = dict(task="kdjax_corpus", max_length=args.seq, batch_size=args.batch, pack=True, data_dir=None)
     c.train.steps = 10000
     c.train.learning_rate = 3e-4

@@ -10,7 +10,8 @@ At this size the student needs tensor parallelism as much as the teacher, so bot
 rules (embed -> fsdp; heads, kv, mlp, vocab -> tensor). The loss is the token-level JSD(β = 0.5) of
 `gkd` on labeled positions.
 
-Options (`:batch=32,seq=4096,tensor=8,remat=full`).
+Options (`:batch=32,seq=4096,tensor=8,remat=full,chunk=0`); `chunk=N > 0` computes the JSD over
+sequence chunks of N positions with both LM heads recomputed per chunk (no [B, S, V] logits).
 """
 
 from configs import common
@@ -20,7 +21,7 @@ VOCAB = 128256
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, batch=32, seq=4096, tensor=8, remat="full")
+    args = common.parse_arg(arg, batch=32, seq=4096, tensor=8, remat="full", chunk=0)
     c = common.base_config()
     c.teacher.path = ""
     c.teacher.dtype = "bfloat16"
@@ -38,6 +39,8 @@ def get_config(arg=None):
                        if name in sharding.WEIGHT_AXES}
     c.method = "gkd"
     c.method_args = dict(beta=0.5)
+    if args.chunk:  # JSD over sequence chunks of `chunk` positions, LM heads recomputed per chunk
+        c.method_args.chunk_size = args.chunk
     c.data.train = dict(task="kdjax_corpus", max_length=args.seq, batch_size=args.batch, pack=True, data_dir=None)
     c.train.steps = 20000
     c.train.learning_rate = 1e-4

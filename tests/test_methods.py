@@ -438,3 +438,16 @@ def test_llm_divergences_match_their_papers():
     m = np.log(beta * p + (1 - beta) * q)
     jsd = (beta * _kl(logp, m) + (1 - beta) * _kl(logq, m)).mean()
     np.testing.assert_allclose(evaluate(get_method("gkd", beta=beta), s, t, None), jsd, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["kd", "minillm", "distillm", "gkd"])
+def test_logit_recipes_take_chunk_size(name):
+    plain = build_method(name, {})
+    chunked = build_method(name, {"chunk_size": 64})
+    soft = lambda m: [t for t in m.stages[0].terms if t.source == "logits"]  # noqa: E731
+    (a,), (b,) = soft(plain), soft(chunked)
+    assert "chunk_size" not in a.kwargs and b.kwargs["chunk_size"] == 64
+    # Everything else about the term is unchanged.
+    assert {k: v for k, v in b.kwargs.items() if k != "chunk_size"} == dict(a.kwargs)
+    with pytest.raises(MethodError, match="chunk_size"):
+        build_method(name, {"chunk_size": 0})

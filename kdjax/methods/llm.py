@@ -19,16 +19,20 @@ adds the hard next-token cross-entropy (MiniLLM's pre-training loss, or SFT on t
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 from kdjax.methods.base import Method, MethodError, Schedule, Stage, register
-from kdjax.methods.kd import (check_fraction, check_kind, check_positions, check_student_init, check_temperature,
-                              check_weight, hard_label_term, keep_nonzero, logit_kd_term)
+from kdjax.methods.kd import (check_fraction, check_kind, check_positions, check_positive_int, check_student_init,
+                              check_temperature, check_weight, hard_label_term, keep_nonzero, logit_kd_term)
 
 
 def _llm_method(name: str, kind: str, description: str, *, weight: Schedule, temperature: Schedule,
-                lm_weight: Schedule, positions: str, student_init: Union[str, tuple], **divergence_args) -> Method:
+                lm_weight: Schedule, positions: str, student_init: Union[str, tuple], chunk_size: Optional[int] = None,
+                **divergence_args) -> Method:
     weight = check_weight(weight, f"{name}: weight")
+    if chunk_size is not None:
+        # Sequence chunks with the LM heads recomputed per chunk: no [B, S, V] logits (same value and gradients).
+        divergence_args["chunk_size"] = check_positive_int(chunk_size, f"{name}: chunk_size")
     temperature = check_temperature(temperature, f"{name}: temperature")
     positions = check_positions(positions, f"{name}: positions")
     terms = keep_nonzero(logit_kd_term(weight, temperature, kind=kind, name=kind, positions=positions,
@@ -47,28 +51,33 @@ def _off_policy_only(name: str, fraction: float, arg: str) -> None:
 
 @register("minillm", "MiniLLM (off-policy): token-level reverse KL(q‖p) over the vocabulary, T=1")
 def minillm(*, weight: Schedule = 1.0, temperature: Schedule = 1.0, lm_weight: Schedule = 0.0,
-            positions: str = "labeled", student_init: Union[str, tuple] = "uniform") -> Method:
+            positions: str = "labeled", student_init: Union[str, tuple] = "uniform",
+            chunk_size: Optional[int] = None) -> Method:
     """MiniLLM's reverse KL, token-level and off-policy.
 
     Args:
       weight: weight of the divergence; lm_weight: weight of the hard next-token CE (0 drops it).
       temperature: T (1 in the paper; the divergence is multiplied by T²).
       positions: `"labeled"` (tokens with LM labels) or `"all"` valid tokens.
+      chunk_size: compute the divergence over sequence chunks of this many positions with the LM heads
+        recomputed per chunk (large vocabularies; see `kd`'s `chunk_size`). None: full logits.
     """
     return _llm_method("minillm", "reverse_kl", "MiniLLM (off-policy): reverse KL", weight=weight,
-                       temperature=temperature, lm_weight=lm_weight, positions=positions, student_init=student_init)
+                       temperature=temperature, lm_weight=lm_weight, positions=positions, student_init=student_init,
+                       chunk_size=chunk_size)
 
 
 @register("distillm", "DistiLLM (off-policy): skew reverse KL (or skew KL via kind), λ=0.1, T=1")
 def distillm(*, kind: str = "skew_reverse_kl", lam: float = 0.1, weight: Schedule = 1.0, temperature: Schedule = 1.0,
              lm_weight: Schedule = 0.0, positions: str = "labeled", student_on_policy: float = 0.0,
-             student_init: Union[str, tuple] = "uniform") -> Method:
+             student_init: Union[str, tuple] = "uniform", chunk_size: Optional[int] = None) -> Method:
     """DistiLLM's skew divergences.
 
     Args:
       kind: `"skew_reverse_kl"` (SRKL) or `"skew_kl"` (SKL).
       lam: the skew λ in [0, 1] (0.1 in the paper).
       student_on_policy: fraction of student-generated sequences; only 0 (off-policy) is supported.
+      chunk_size: sequence-chunked divergence, as for `minillm`.
     """
     check_kind(kind, "distillm: kind", ("skew_kl", "skew_reverse_kl"))
     lam = check_fraction(lam, "distillm: lam")
@@ -78,21 +87,24 @@ def distillm(*, kind: str = "skew_reverse_kl", lam: float = 0.1, weight: Schedul
     label = "SRKL" if kind == "skew_reverse_kl" else "SKL"
     return _llm_method("distillm", kind, f"DistiLLM (off-policy): {label} with λ={lam}", weight=weight,
                        temperature=temperature, lm_weight=lm_weight, positions=positions, student_init=student_init,
-                       lam=lam)
+                       chunk_size=chunk_size, lam=lam)
 
 
 @register("gkd", "GKD (off-policy): generalized JSD_β with TRL's convention, β=0.5, T=1")
 def gkd(*, beta: float = 0.5, lmbda: float = 0.0, weight: Schedule = 1.0, temperature: Schedule = 1.0,
-        lm_weight: Schedule = 0.0, positions: str = "labeled", student_init: Union[str, tuple] = "uniform") -> Method:
+        lm_weight: Schedule = 0.0, positions: str = "labeled", student_init: Union[str, tuple] = "uniform",
+        chunk_size: Optional[int] = None) -> Method:
     """GKD's generalized Jensen-Shannon divergence.
 
     Args:
       beta: β of `JSD_β` in TRL's convention (0 → forward KL, 1 → reverse KL), 0.5 by default.
       lmbda: TRL's on-policy fraction λ; only 0 (off-policy, supervised KD) is supported here.
+      chunk_size: sequence-chunked divergence, as for `minillm`.
     """
     beta = check_fraction(beta, "gkd: beta")
     if isinstance(beta, tuple):
         raise MethodError("gkd: beta must be a constant in [0, 1], not a schedule")
     _off_policy_only("gkd", lmbda, "lmbda")
     return _llm_method("gkd", "jsd", f"GKD (off-policy): JSD with β={beta}", weight=weight, temperature=temperature,
-                       lm_weight=lm_weight, positions=positions, student_init=student_init, beta=beta)
+                       lm_weight=lm_weight, positions=positions, student_init=student_init, chunk_size=chunk_size,
+                       beta=beta)
