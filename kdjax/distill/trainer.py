@@ -377,6 +377,14 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
                           "final_loss": final[-1]["loss"] if final else None, "final_metrics": final[-1] if final else None,
                           "train_seconds": elapsed, "tokens_per_sec": tokens_seen / max(elapsed, 1e-9)}
     student = run.student_model(state)
+    if export and jax.process_count() > 1:
+        # Each host holds only its shards: gather the student onto every host (a collective, so all
+        # processes join) before process 0 writes it.
+        from jax.experimental import multihost_utils
+        from kdjax.hub.api import Model
+        params = multihost_utils.process_allgather(student.params, tiled=True)
+        student = Model(student.config, student.graphdef, params, student.tokenizer, source=student.source,
+                        id2label=student.id2label)
     if export and jax.process_index() == 0:
         from kdjax.hub.api import save_pretrained
         student_dir = fileio.join(workdir, "student")
