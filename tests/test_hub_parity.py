@@ -1,11 +1,17 @@
 """kdjax models match Hugging Face PyTorch models of every family and head, and round-trip through export."""
 
+import json
+import os
+
 import numpy as np
 import pytest
+import torch
 import transformers
 
 import kdjax
-from hf_fixtures import CASES, HEAD_CLASSES, make_hf_model, padded_batch, save_hf_model, torch_outputs
+from kdjax.hub.api import abstract_model
+from kdjax.models.config import ConfigError
+from hf_fixtures import CASES, HEAD_CLASSES, VOCAB, make_hf_model, padded_batch, save_hf_model, torch_outputs
 
 TOL = 1e-4
 
@@ -112,3 +118,49 @@ def test_bf16_compute_close_to_fp32(tmp_path):
     assert bf16_model.config.compute_dtype == np.dtype("bfloat16")
     out = np.asarray(bf16_model(ids, mask).logits, np.float32)
     assert np.max(np.abs(out - np.asarray(fp32))) < 0.1
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "linear", "factor": 4.0},
+], ids=["llama3", "linear"])
+def test_scaled_rope_matches_transformers(tmp_path, rope):
+    """Llama 3.1-style and linear RoPE scaling: logits equal transformers' past the original context."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, max_position_embeddings=128, pad_token_id=0, tie_word_embeddings=False,
+        rope_parameters={"rope_theta": 500000.0, **rope})
+    config._attn_implementation = "eager"
+    ref = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = save_hf_model(ref, str(tmp_path / "hf"))
+    model = kdjax.load_pretrained(path)
+    assert dict(model.config.rope_scaling)["rope_type"] == rope["rope_type"]
+    ids, mask = padded_batch("llama", seq=48)  # three times the llama3 case's original context
+    theirs = torch_outputs(ref, ids, mask).logits.numpy()
+    _assert_close(model(ids, mask).logits, theirs, "logits", mask)
+    # Without the scaling the model is measurably different, so the check above can fail.
+    plain_config = model.config.replace(rope_scaling=())
+    plain = kdjax.Model(plain_config, abstract_model(plain_config)[0], model.params)
+    assert np.max(np.abs(np.asarray(plain(ids, mask).logits) - theirs)) > 1e-3
+    # The export carries the scaling, and transformers reads it back.
+    out_dir = kdjax.save_pretrained(model, str(tmp_path / "export"))
+    again = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    np.testing.assert_allclose(torch_outputs(again, ids, mask).logits.numpy(), theirs, atol=1e-5)
+
+
+def test_unsupported_rope_scaling_is_one_line(tmp_path):
+    ref = make_hf_model("llama", "causal_lm")
+    path = save_hf_model(ref, str(tmp_path / "hf"))
+    cfg_path = os.path.join(path, "config.json")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    hf["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    with open(cfg_path, "w") as f:
+        json.dump(hf, f)
+    with pytest.raises(ConfigError, match="rope scaling 'yarn' is not supported; supported: default, linear, llama3"):
+        kdjax.load_pretrained(path)

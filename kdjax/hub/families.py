@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from kdjax.models.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, preset
+from kdjax.models.config import ROPE_SCALING_KEYS, SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, preset
 
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
                                 "gelu_fast": "gelu_new", "relu": "relu", "silu": "silu", "swish": "silu"}
@@ -54,10 +54,23 @@ def architecture_name(config: ModelConfig) -> str:
 
 def _rope_theta(hf: dict, default: float) -> float:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default")) if params else "default"
-    if rope_type not in ("default", None):
-        raise ConfigError(f"rope scaling {rope_type!r} is not supported yet; supported: default")
     return float(params.get("rope_theta", hf.get("rope_theta", default)))
+
+
+def _rope_scaling(hf: dict) -> tuple:
+    """`ModelConfig.rope_scaling` from `rope_parameters` (transformers >= 5) or `rope_scaling` (older)."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default")) if params else "default"
+    if rope_type in ("default", None):
+        return ()
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"rope scaling {rope_type!r} is not supported; supported: default, "
+                          f"{', '.join(ROPE_SCALING_KEYS)}")
+    keys = ROPE_SCALING_KEYS[rope_type]
+    missing = [k for k in keys if k not in params]
+    if missing:
+        raise ConfigError(f"rope scaling {rope_type!r} in config.json lacks {', '.join(missing)}")
+    return tuple(sorted([("rope_type", rope_type)] + [(k, params[k]) for k in keys]))
 
 
 def config_from_hf(hf: dict, *, head: Optional[str] = None, **overrides: Any) -> ModelConfig:
@@ -94,6 +107,7 @@ def config_from_hf(hf: dict, *, head: Optional[str] = None, **overrides: Any) ->
                             intermediate_size=hf["intermediate_size"],
                             max_position_embeddings=hf.get("max_position_embeddings", 4096),
                             norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(hf, 10000.0),
+                            rope_scaling=_rope_scaling(hf),
                             qkv_bias=qkv_bias, out_bias=bool(hf.get("attention_bias", False)) and model_type == "llama",
                             mlp_bias=bool(hf.get("mlp_bias", False)), pad_token_id=hf.get("pad_token_id"),
                             tie_word_embeddings=hf.get("tie_word_embeddings", False),
@@ -128,7 +142,9 @@ def config_to_hf(config: ModelConfig, *, id2label: Optional[dict] = None) -> dic
         out.update(hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
                               num_key_value_heads=c.kv_heads, head_dim=c.dim_per_head, intermediate_size=c.intermediate_size,
                               max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.norm_eps, hidden_act=act,
-                              rope_theta=c.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+                              rope_theta=c.rope_theta,
+                              rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta,
+                                               **dict(c.rope_scaling)},
                               mlp_bias=c.mlp_bias)
         if c.model_type == "llama":
             if c.qkv_bias != c.out_bias:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import jax.numpy as jnp
@@ -20,6 +21,11 @@ HEADS = ("base", "mlm", "classification", "causal_lm")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
 POSITION_EMBEDDINGS = ("learned", "rope", "none")
+# RoPE scalings beyond the plain one, with the keys each needs (Hugging Face `rope_parameters` names).
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 CLASSIFIER_STYLES = ("bert_pooler", "roberta", "last_token")
 REMAT_POLICIES = (
         "none",  # keep every activation (fastest, most memory)
@@ -51,6 +57,9 @@ class ModelConfig:
     position_embedding: str = "learned"
     position_style: str = "absolute"  # "absolute" (arange) or "roberta" (offset past padding)
     rope_theta: float = 10000.0
+    # RoPE frequency scaling as sorted (key, value) pairs, e.g. (("factor", 8.0), ("high_freq_factor", 4.0),
+    # ("low_freq_factor", 1.0), ("original_max_position_embeddings", 8192), ("rope_type", "llama3")); () = none.
+    rope_scaling: tuple = ()
     norm: str = "layernorm"
     norm_eps: float = 1e-12
     pre_norm: bool = False  # False: post-LN (BERT); True: pre-LN (GPT-2, Llama)
@@ -77,6 +86,12 @@ class ModelConfig:
     extra: tuple = ()  # (key, value) pairs carried to the exported HF config
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, Mapping) or hasattr(self.rope_scaling, "to_dict"):
+            # A dict from a config file or a HF config: stored as sorted pairs to stay hashable.
+            scaling = self.rope_scaling.to_dict() if hasattr(self.rope_scaling, "to_dict") else self.rope_scaling
+            object.__setattr__(self, "rope_scaling", tuple(sorted(dict(scaling).items())))
+        elif self.rope_scaling is None:
+            object.__setattr__(self, "rope_scaling", ())
         self.validate()
 
     # ----------------------------------------------------------------------------------------------
@@ -128,6 +143,17 @@ class ModelConfig:
             bad(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
         if self.position_embedding == "rope" and self.dim_per_head % 2:
             bad(f"RoPE needs an even head_dim, got {self.dim_per_head}")
+        if self.rope_scaling:
+            scaling = dict(self.rope_scaling)
+            kind = scaling.get("rope_type")
+            required = ROPE_SCALING_KEYS.get(kind)
+            if required is None:
+                bad(f"rope scaling {kind!r} is not supported; supported: default, {', '.join(ROPE_SCALING_KEYS)}")
+            missing = [k for k in required if k not in scaling]
+            if missing:
+                bad(f"rope scaling {kind!r} needs {', '.join(missing)}; got {', '.join(sorted(scaling)) or 'nothing'}")
+            if float(scaling["factor"]) <= 0:
+                bad(f"rope scaling factor must be positive, got {scaling['factor']}")
         if self.head == "classification" and self.num_labels < 1:
             bad("a classification head needs num_labels >= 1")
         for dt in (self.dtype, self.param_dtype):

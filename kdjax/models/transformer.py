@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -87,9 +88,35 @@ def make_norm(config: ModelConfig):
     return cls(config.hidden_size, config.norm_eps, config.compute_dtype, config.params_dtype)
 
 
-def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarray:
+    """Inverse frequencies `theta^(-2i/d)` (float64 on the host), with an optional scaling applied.
+
+    `linear` divides every frequency by `factor` (position interpolation). `llama3` (Llama 3.1+) leaves
+    the high frequencies (wavelength below `original_max_position_embeddings / high_freq_factor`)
+    alone, divides the low ones (wavelength above `original / low_freq_factor`) by `factor`, and
+    blends the band between linearly in `original / wavelength`.
+    """
+    inv_freq = 1.0 / (float(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if not scaling:
+        return inv_freq
+    s = dict(scaling)
+    factor = float(s["factor"])
+    if s["rope_type"] == "linear":
+        return inv_freq / factor
+    if s["rope_type"] == "llama3":
+        low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        original = float(s["original_max_position_embeddings"])
+        wavelen = 2 * np.pi / inv_freq
+        blend = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)
+        scaled = (1 - blend) * inv_freq / factor + blend * inv_freq
+        return np.where(wavelen < original / high, inv_freq, np.where(wavelen > original / low, inv_freq / factor,
+                                                                      scaled))
+    raise ValueError(f"rope scaling {s['rope_type']!r} is not supported")
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float, scaling: tuple = ()) -> tuple[Array, Array]:
     """cos/sin tables [B, S, head_dim] in the rotate-half layout used by HF Llama checkpoints."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta, scaling), jnp.float32)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -307,7 +334,7 @@ class Transformer(nnx.Module):
         h = self.embed(input_ids, positions, token_type_ids)
         if "embeddings" in resolved:
             self.sow(TAP_TYPES["embeddings"], "embeddings", h)
-        rope = rope_tables(positions, c.dim_per_head, c.rope_theta) if c.position_embedding == "rope" else None
+        rope = rope_tables(positions, c.dim_per_head, c.rope_theta, c.rope_scaling) if c.position_embedding == "rope" else None
         allowed = self._attention_mask(attention_mask)
 
         layer_kinds = frozenset(k for k in resolved if k in LAYER_KINDS)
