@@ -35,7 +35,8 @@ def base_config():
     # The student: derived from the (first) teacher unless `path` loads one.
     c.student = ml_collections.ConfigDict(dict(
         path="", num_layers=3, init="uniform", layers=None, hidden_size=None, num_heads=None,
-        num_kv_heads=None, intermediate_size=None, vocab_size=None, head=None, dtype=None, seed=0))
+        num_kv_heads=None, intermediate_size=None, vocab_size=None, head=None, dtype=None, seed=0,
+        dropout=None, attention_dropout=None))  # dropout: training-time rates of the student (default none)
     c.method = "kd"
     c.method_args = ml_collections.ConfigDict()
     # Named data sources; stages read `data[stage.data]` ("train", "corpus", "task"), else `data.train`.

@@ -119,14 +119,16 @@ def _is_safetensors_dir(path: str) -> bool:
 def build_student(config, teacher: Model, method: Method, compression=None) -> Model:
     spec = _as_dict(_cfg_get(config, "student"))
     if spec.get("path"):
-        kw = {k: spec[k] for k in ("dtype", "head", "param_dtype") if spec.get(k) is not None}
+        kw = {k: spec[k] for k in ("dtype", "head", "param_dtype", "dropout", "attention_dropout")
+              if spec.get(k) is not None}
         return load_pretrained(resolve_model_path(spec["path"]), **kw)
     init = spec.get("layers") or spec.get("init") or method.student_init
     if isinstance(init, list):
         init = tuple(init)
     kw = {k: spec[k] for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size",
                                                           "vocab_size", "head", "dtype", "param_dtype", "num_labels", "scan_layers",
-                                                          "remat_policy") if spec.get(k) is not None}
+                                                          "remat_policy", "dropout", "attention_dropout")
+          if spec.get(k) is not None}
     if compression is not None:
         kw["vocab_size"] = compression.size
     student = student_from(teacher, init=init, seed=int(spec.get("seed", 0)), **kw)

@@ -112,7 +112,7 @@ def student_view(batch: Mapping[str, Any]) -> dict:
     return view
 
 
-def trunk_forward(graphdef, params, batch: Mapping[str, Any], taps: Any = None):
+def trunk_forward(graphdef, params, batch: Mapping[str, Any], taps: Any = None, dropout_key=None):
     """`forward` without the LM head: `outputs.logits` is None, `outputs.last_hidden_state` is set.
 
     The model is re-split with a `base` head config, so the head's parameters stay in `params` (same
@@ -120,10 +120,10 @@ def trunk_forward(graphdef, params, batch: Mapping[str, Any], taps: Any = None):
     """
     model = nnx.merge(graphdef, params)
     if model.config.head not in terms_lib.LM_HEADS:
-        return forward(graphdef, params, batch, taps)
+        return forward(graphdef, params, batch, taps, dropout_key)
     model.config = model.config.replace(head="base")
     trunk_graphdef, trunk_params = split(model)
-    return forward(trunk_graphdef, trunk_params, batch, taps)
+    return forward(trunk_graphdef, trunk_params, batch, taps, dropout_key)
 
 
 def _chunking(terms: Sequence[Term]) -> bool:
@@ -160,13 +160,14 @@ def build_loss_fn(*, student_graphdef, student_config: ModelConfig, student_taps
     weight_sum = sum(t.weight for t in teachers) or 1.0
     student_full_logits = terms_lib.logits_needed(terms)[0]
 
-    def loss_fn(trainable, batch, teacher_results, progress):
+    def loss_fn(trainable, batch, teacher_results, progress, dropout_key=None):
         # Chunked logit terms run only when every teacher result carries its parameters (a teacher pass
         # built with the terms); otherwise they fall back to full logits, which both passes then compute.
         chunking = _chunking(terms) and all(len(teacher_results[t.name]) == 3 for t in teachers)
         run = trunk_forward if chunking and not student_full_logits else forward
         with jax.named_scope("student"):
-            s_out, s_inter = run(student_graphdef, trainable["student"], student_view(batch), student_taps)
+            s_out, s_inter = run(student_graphdef, trainable["student"], student_view(batch), student_taps,
+                                 dropout_key)
         s_head = terms_lib.lm_head(student_graphdef, trainable["student"]) if chunking else None
         total = jnp.zeros((), jnp.float32)
         metrics: dict = {}
@@ -203,6 +204,11 @@ def apply_update(state: TrainState, grads, loss, metrics, *, tx: optax.GradientT
     return new_state, metrics
 
 
+def dropout_key(state: TrainState, micro_batch) -> jax.Array:
+    """The student's dropout key for one micro-batch of this step (the state's key advances every step)."""
+    return jax.random.fold_in(jax.random.fold_in(state.rng, 0x0D0), micro_batch)
+
+
 def _progress(state: TrainState, total_steps: int):
     return jnp.minimum(state.step.astype(jnp.float32) / max(total_steps, 1), 1.0)
 
@@ -215,7 +221,8 @@ def build_student_step(*, tx: optax.GradientTransformation, total_steps: int, up
 
     def student_step(state: TrainState, teacher_results, batch):
         teacher_results = jax.lax.stop_gradient(teacher_results)
-        (loss, metrics), grads = grad_fn(state.trainable, batch, teacher_results, _progress(state, total_steps))
+        (loss, metrics), grads = grad_fn(state.trainable, batch, teacher_results, _progress(state, total_steps),
+                                         dropout_key(state, 0))
         return apply_update(state, grads, loss, metrics, tx=tx, update_mask=update_mask)
 
     return student_step
@@ -230,31 +237,33 @@ def build_step(*, student_graphdef, student_config: ModelConfig, student_taps: T
         student_graphdef=student_graphdef, student_config=student_config, student_taps=student_taps,
         teachers=teachers, terms=terms, vocab_map=vocab_map), has_aux=True)
 
-    def micro_step(trainable, batch, teacher_params, progress):
+    def micro_step(trainable, batch, teacher_params, progress, key):
         teacher_results = teacher_pass(teacher_params, batch)
-        (loss, metrics), grads = grad_fn(trainable, batch, teacher_results, progress)
+        (loss, metrics), grads = grad_fn(trainable, batch, teacher_results, progress, key)
         return loss, metrics, grads
 
     def step(state: TrainState, teacher_params, batch):
         progress = _progress(state, total_steps)
         trainable = state.trainable
         if grad_accum == 1:
-            loss, metrics, grads = micro_step(trainable, batch, teacher_params, progress)
+            loss, metrics, grads = micro_step(trainable, batch, teacher_params, progress, dropout_key(state, 0))
         else:
             micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
 
-            def body(carry, mb):
+            def body(carry, xs):
+                mb, index = xs
                 loss_acc, metrics_acc, grads_acc = carry
-                loss, metrics, grads = micro_step(trainable, mb, teacher_params, progress)
+                loss, metrics, grads = micro_step(trainable, mb, teacher_params, progress, dropout_key(state, index))
                 metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
                 grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
                 return (loss_acc + loss, metrics_acc, grads_acc), None
 
             first = jax.tree.map(lambda x: x[0], micro)
-            metric_shapes = jax.eval_shape(lambda: micro_step(trainable, first, teacher_params, progress)[1])
+            metric_shapes = jax.eval_shape(
+                lambda: micro_step(trainable, first, teacher_params, progress, dropout_key(state, 0))[1])
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
                      jax.tree.map(jnp.zeros_like, trainable))
-            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
+            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum)))
             loss = loss / grad_accum
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
         return apply_update(state, grads, loss, metrics, tx=tx, update_mask=update_mask)

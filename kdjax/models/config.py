@@ -79,6 +79,11 @@ class ModelConfig:
     add_pooler: bool = True  # encoders: tanh pooler over token 0 (BertModel's pooler)
     classifier_style: str = "bert_pooler"
     initializer_range: float = 0.02
+    # Training-time dropout (inverted), active only when a forward pass is given a dropout key: `dropout`
+    # on the embeddings and on each attention / FFN output before its residual add (BERT's hidden
+    # dropout), `attention_dropout` on the attention probabilities. Teachers and evaluation run without.
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     scan_layers: bool = True
@@ -154,6 +159,10 @@ class ModelConfig:
                 bad(f"rope scaling {kind!r} needs {', '.join(missing)}; got {', '.join(sorted(scaling)) or 'nothing'}")
             if float(scaling["factor"]) <= 0:
                 bad(f"rope scaling factor must be positive, got {scaling['factor']}")
+        for field in ("dropout", "attention_dropout"):
+            rate = getattr(self, field)
+            if not 0.0 <= float(rate) < 1.0:
+                bad(f"ModelConfig.{field} must be in [0, 1), got {rate}")
         if self.head == "classification" and self.num_labels < 1:
             bad("a classification head needs num_labels >= 1")
         for dt in (self.dtype, self.param_dtype):

@@ -130,6 +130,17 @@ def apply_rope(x_bshd: Array, cos: Array, sin: Array) -> Array:
     return out.astype(x_bshd.dtype)
 
 
+def dropout(x: Array, rate: float, key: Optional[Array]) -> Array:
+    """Inverted dropout: zero each element with probability `rate`, scale the rest by 1 / (1 - rate).
+
+    A no-op without a key or at rate 0, so inference and teacher passes need no flag.
+    """
+    if key is None or not rate:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
 class Attention(nnx.Module):
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
@@ -141,7 +152,8 @@ class Attention(nnx.Module):
         self.o = _dense(c, h * hd, d, c.out_bias, rngs)
         self.config = c
 
-    def __call__(self, x: Array, bias_bqk: Array, rope: Optional[tuple[Array, Array]], kinds: frozenset):
+    def __call__(self, x: Array, bias_bqk: Array, rope: Optional[tuple[Array, Array]], kinds: frozenset,
+                 dropout_key: Optional[Array] = None):
         c = self.config
         b, s, _ = x.shape
         h, kv, hd = c.num_heads, c.kv_heads, c.dim_per_head
@@ -157,7 +169,10 @@ class Attention(nnx.Module):
         scores = scores * (1.0 / float(hd) ** 0.5)
         scores = jnp.where(bias_bqk[:, None], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v_full.dtype), v_full)
+        # The tapped probabilities stay undropped (they are what distillation compares); the context
+        # uses the dropped ones, as in training.
+        dropped = dropout(probs, c.attention_dropout, dropout_key)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(v_full.dtype), v_full)
         out = self.o(ctx.reshape(b, s, h * hd))
         out = checkpoint_name(out, "attention_out")
         taps = {}
@@ -194,18 +209,20 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs)
         self.mlp_norm = make_norm(config)
         self.pre_norm = config.pre_norm
+        self.rate = config.dropout
 
-    def __call__(self, h: Array, bias_bqk: Array, rope, kinds: frozenset):
+    def __call__(self, h: Array, bias_bqk: Array, rope, kinds: frozenset, dropout_key: Optional[Array] = None):
+        keys = (None,) * 3 if dropout_key is None else tuple(jax.random.split(dropout_key, 3))
         if self.pre_norm:
-            a, taps = self.attn(self.attn_norm(h), bias_bqk, rope, kinds)
-            h = h + a
+            a, taps = self.attn(self.attn_norm(h), bias_bqk, rope, kinds, keys[0])
+            h = h + dropout(a, self.rate, keys[1])
             f = self.mlp(self.mlp_norm(h))
-            h = h + f
+            h = h + dropout(f, self.rate, keys[2])
         else:
-            a, taps = self.attn(h, bias_bqk, rope, kinds)
-            h = self.attn_norm(h + a)
+            a, taps = self.attn(h, bias_bqk, rope, kinds, keys[0])
+            h = self.attn_norm(h + dropout(a, self.rate, keys[1]))
             f = self.mlp(h)
-            h = self.mlp_norm(h + f)
+            h = self.mlp_norm(h + dropout(f, self.rate, keys[2]))
         if "ffn_output" in kinds:
             taps["ffn_output"] = f
         return h, taps
@@ -324,14 +341,21 @@ class Transformer(nnx.Module):
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
                               token_type_ids: Optional[Array] = None, position_ids: Optional[Array] = None,
-                              taps: Any = None) -> ModelOutputs:
+                              taps: Any = None, dropout_key: Optional[Array] = None) -> ModelOutputs:
         c = self.config
+        if not (c.dropout or c.attention_dropout):
+            dropout_key = None
         spec = TapSpec.of(taps)
         resolved = spec.resolve(c.num_layers)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         positions = self._positions(input_ids, attention_mask, position_ids)
         h = self.embed(input_ids, positions, token_type_ids)
+        layer_keys = None
+        if dropout_key is not None:
+            embed_key, layers_key = jax.random.split(dropout_key)
+            h = dropout(h, c.dropout, embed_key)
+            layer_keys = jax.random.split(layers_key, c.num_layers)
         if "embeddings" in resolved:
             self.sow(TAP_TYPES["embeddings"], "embeddings", h)
         rope = rope_tables(positions, c.dim_per_head, c.rope_theta, c.rope_scaling) if c.position_embedding == "rope" else None
@@ -339,7 +363,7 @@ class Transformer(nnx.Module):
 
         layer_kinds = frozenset(k for k in resolved if k in LAYER_KINDS)
         want_hidden = "hidden_states" in resolved
-        h_last, stacked = self._run_layers(h, allowed, rope, layer_kinds, want_hidden, resolved)
+        h_last, stacked = self._run_layers(h, allowed, rope, layer_kinds, want_hidden, resolved, layer_keys)
         if self.final_norm is not None:
             h_last = self.final_norm(h_last)
 
@@ -377,13 +401,14 @@ class Transformer(nnx.Module):
             self.sow(TAP_TYPES["logits"], "logits", out.logits)
         return out
 
-    def _run_layers(self, h, allowed, rope, layer_kinds, want_hidden, resolved):
+    def _run_layers(self, h, allowed, rope, layer_kinds, want_hidden, resolved, layer_keys=None):
         c = self.config
         graphdef, state = nnx.split(self.layers)
 
-        def body(carry, layer_state):
+        def body(carry, xs):
+            layer_state, key = xs
             layer = nnx.merge(graphdef, layer_state)
-            new_h, taps = layer(carry, allowed, rope, layer_kinds)
+            new_h, taps = layer(carry, allowed, rope, layer_kinds, key)
             if want_hidden:
                 taps["_all_hidden"] = new_h
             return new_h, taps
@@ -392,7 +417,7 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
 
         if c.scan_layers:
-            h, stacked = jax.lax.scan(body, h, state)
+            h, stacked = jax.lax.scan(body, h, (state, layer_keys))
             stacked = dict(stacked)
             if want_hidden:
                 stacked["hidden_states"] = None
@@ -403,7 +428,7 @@ class Transformer(nnx.Module):
         hidden = [h]
         for i in range(c.num_layers):
             layer_state = jax.tree.map(lambda x: x[i], state)
-            h, taps = body(h, layer_state)
+            h, taps = body(h, (layer_state, None if layer_keys is None else layer_keys[i]))
             for kind in layer_kinds:
                 if i in resolved[kind]:
                     collected[kind].append(taps[kind])
@@ -431,16 +456,17 @@ def split(model: Transformer):
     return graphdef, params
 
 
-def forward(graphdef, params, batch: Mapping[str, Array], taps: Any = None):
+def forward(graphdef, params, batch: Mapping[str, Array], taps: Any = None, dropout_key: Optional[Array] = None):
     """`(outputs, intermediates)` of one forward pass; a pure function of its arguments.
 
     `batch` holds `input_ids` and optionally `attention_mask`, `token_type_ids`, `position_ids`.
     `taps` is anything `TapSpec.of` accepts; it must be static under jit (it is hashable).
+    `dropout_key` turns on the config's dropout (training); without it the pass is deterministic.
     """
     spec = TapSpec.of(taps)
     model = nnx.merge(graphdef, params)
     kwargs = dict(attention_mask=batch.get("attention_mask"), token_type_ids=batch.get("token_type_ids"),
-                                position_ids=batch.get("position_ids"))
+                                position_ids=batch.get("position_ids"), dropout_key=dropout_key)
     if not spec:
         return model(batch["input_ids"], **kwargs), Intermediates()
     outputs, *captured = nnx.capture(model, *TAP_TYPES.values())(batch["input_ids"], taps=spec, **kwargs)
