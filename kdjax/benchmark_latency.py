@@ -21,7 +21,6 @@ longer than a model's position table) print one line ``error: ...`` on stderr an
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -160,31 +159,13 @@ def _run(fv) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 1 bad input or load error, 2 bad flags)."""
-    from absl import flags
+    from kdjax.cli import run_cli
 
-    argv = list(sys.argv if argv is None else argv)
     fv = _flag_values()
-    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
-        print("usage: python -m kdjax.benchmark_latency --teacher=DIR --student=DIR [--batch_sizes=1,32] "
-              "[--seq_len=128] [--repeats=20] [--json=FILE]\n")
-        print(fv.get_help())
-        return 0
-    try:
-        extra = fv(argv)
-    except flags.Error as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    if len(extra) > 1:
-        print(f"error: unexpected positional arguments {extra[1:]}; every option is a --flag", file=sys.stderr)
-        return 2
-    try:
-        # Keep stdout for the report alone; libraries may print while loading.
-        with contextlib.redirect_stdout(sys.stderr):
-            result = _run(fv)
-    except (ValueError, KeyError, OSError) as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+    status, result = run_cli(argv, fv, "usage: python -m kdjax.benchmark_latency --teacher=DIR "
+                             "--student=DIR [--batch_sizes=1,32] [--seq_len=128] [--repeats=20] [--json=FILE]", _run)
+    if result is None:
+        return status
     if fv.json:
         from kdjax.report import write_json
 

@@ -29,7 +29,6 @@ Errors (a missing directory, an unknown task, a model without the right head) pr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -629,32 +628,15 @@ def _run(fv) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 1 evaluation error, 2 bad flags)."""
-    from absl import flags
+    from kdjax.cli import run_cli
 
-    argv = list(sys.argv if argv is None else argv)
+    # Libraries (tfds preparing the embedded data, progress bars) print to stdout; run_cli keeps stdout
+    # for the JSON result alone so it can be piped into other tools.
     fv = _flag_values()
-    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
-        print("usage: python -m kdjax.evaluate --model=DIR [--teacher=DIR] [--task=NAME --split=ROLE | "
-              "--sentences=embedded|FILE] [flags]\n")
-        print(fv.get_help())
-        return 0
-    try:
-        extra = fv(argv)
-    except flags.Error as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    if len(extra) > 1:
-        print(f"error: unexpected positional arguments {extra[1:]}; every option is a --flag", file=sys.stderr)
-        return 2
-    try:
-        # Libraries (tfds preparing the embedded data, progress bars) print to stdout; keep stdout
-        # for the JSON result alone so it can be piped into other tools.
-        with contextlib.redirect_stdout(sys.stderr):
-            result = _run(fv)
-    except (ValueError, KeyError, OSError) as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+    status, result = run_cli(argv, fv, "usage: python -m kdjax.evaluate --model=DIR [--teacher=DIR] "
+                             "[--task=NAME --split=ROLE | --sentences=embedded|FILE] [flags]", _run)
+    if result is None:
+        return status
     if fv.output:
         from kdjax.report import write_json
 

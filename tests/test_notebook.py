@@ -6,12 +6,11 @@ temporary workdir and no latency measurement.
 """
 
 import json
-import os
 import pathlib
 import re
-import sys
 
 import pytest
+from notebook_env import set_kernel_env
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -73,16 +72,7 @@ def _stdout(cell) -> str:
 def kernel_env(monkeypatch, tmp_path):
     """The kernel inherits os.environ: shrink the run and use one CPU device, as a user's machine has."""
     workdir = tmp_path / "nb_workdir"
-    monkeypatch.setenv("KDJAX_NOTEBOOK_STEPS", str(STEPS))
-    monkeypatch.setenv("KDJAX_NOTEBOOK_WORKDIR", str(workdir))
-    monkeypatch.setenv("KDJAX_NOTEBOOK_LATENCY", "0")
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
-    # The kernel runs this interpreter (jupyter_client maps the spec's "python" to sys.executable).
-    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    set_kernel_env(monkeypatch, steps=STEPS, workdir=workdir, latency=0)
     return workdir
 
 

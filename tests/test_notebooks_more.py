@@ -15,6 +15,7 @@ import re
 import sys
 
 import pytest
+from notebook_env import set_kernel_env
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -163,19 +164,7 @@ def _stdout(cell) -> str:
 def kernel_env(monkeypatch, tmp_path):
     """The kernel inherits os.environ: shrink the runs and use one CPU device, as a user's machine has."""
     workdir = tmp_path / "tour"
-    monkeypatch.setenv("KDJAX_NOTEBOOK_STEPS", str(STEPS))
-    monkeypatch.setenv("KDJAX_NOTEBOOK_BATCH", "8")
-    monkeypatch.setenv("KDJAX_NOTEBOOK_MAX_LENGTH", "32")
-    monkeypatch.setenv("KDJAX_NOTEBOOK_HELDOUT", "32")
-    monkeypatch.setenv("KDJAX_NOTEBOOK_WORKDIR", str(workdir))
-    monkeypatch.setenv("KDJAX_NOTEBOOK_LATENCY", "0")
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
-    # The kernel runs this interpreter (jupyter_client maps the spec's "python" to sys.executable).
-    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    set_kernel_env(monkeypatch, steps=STEPS, batch=8, max_length=32, heldout=32, workdir=workdir, latency=0)
     return workdir
 
 

@@ -49,6 +49,21 @@ opt_value() {
   [[ -n "$OPT_VALUE" ]] || die "$flag needs a non-empty value, e.g. $flag=VALUE (see -h)"
 }
 
+# The options every script shares: --name, --zone, --num-slices, --project (each as --flag=value or
+# --flag value) and --dry-run. Sets TPU_NAME, ZONE, NUM_SLICES, PROJECT or DRY_RUN, and OPT_SHIFT to
+# the number of arguments used, 0 when $1 is none of them (the script's own case handles it then).
+# shellcheck disable=SC2034  # the variables are read by the sourcing script
+shared_option() {
+  case "$1" in
+    --name|--name=*) opt_value "$@"; TPU_NAME="$OPT_VALUE" ;;
+    --zone|--zone=*) opt_value "$@"; ZONE="$OPT_VALUE" ;;
+    --num-slices|--num-slices=*) opt_value "$@"; NUM_SLICES="$OPT_VALUE" ;;
+    --project|--project=*) opt_value "$@"; PROJECT="$OPT_VALUE" ;;
+    --dry-run) DRY_RUN=1; OPT_SHIFT=1 ;;
+    *) OPT_SHIFT=0 ;;
+  esac
+}
+
 # One-line error for an argument no case matched.
 unknown_option() {
   die "unknown option '$1'; run tpu/$(basename "$0") -h for the options"

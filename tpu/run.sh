@@ -52,22 +52,19 @@ EXTRA=()
 
 die() { echo "tpu/run.sh: error: $*" >&2; exit 2; }
 
-# quote(), run(), opt_value(), check_targets(), set_targets(), ssh_all_slices().
+# quote(), run(), opt_value(), shared_option(), check_targets(), set_targets(), ssh_all_slices().
 # shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 while [[ $# -gt 0 ]]; do
+  shared_option "$@"
+  if [[ "$OPT_SHIFT" -gt 0 ]]; then shift "$OPT_SHIFT"; continue; fi
   case "$1" in
-    --name|--name=*) opt_value "$@"; TPU_NAME="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
-    --zone|--zone=*) opt_value "$@"; ZONE="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
-    --num-slices|--num-slices=*) opt_value "$@"; NUM_SLICES="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
-    --project|--project=*) opt_value "$@"; PROJECT="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
     --remote-dir|--remote-dir=*) opt_value "$@"; REMOTE_DIR="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
     --tfds-data-dir|--tfds-data-dir=*) opt_value "$@"; TFDS_DATA_DIR="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
     --config|--config=*) opt_value "$@"; CONFIG="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
     --workdir|--workdir=*) opt_value "$@"; WORKDIR="$OPT_VALUE"; shift "$OPT_SHIFT" ;;
     --local) LOCAL=1; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA+=("$@"); break ;;
     *) EXTRA+=("$1"); shift ;;
