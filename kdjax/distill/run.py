@@ -416,19 +416,16 @@ class Distillation:
         aux = terms_lib.init_aux(runner.stage.terms, runner.student_config, teacher_cfg, rng)
         trainable = {"student": params, "aux": aux}
         step = jnp.zeros((), jnp.int32)
-        if runner.state_shardings is not None:
-            sh = runner.state_shardings
+        init_opt = runner.tx.init
+        sh = runner.state_shardings
+        if sh is not None:  # on a mesh: every leaf in its layout, the moments created in theirs
             trainable = jax.device_put(trainable, {"student": sh.params, "aux": sh.aux})
-            opt_state = jax.jit(runner.tx.init, out_shardings=sh.opt_state)(trainable)
             step, rng = jax.device_put(step, sh.step), jax.device_put(rng, sh.rng)
-        else:
-            opt_state = None
+            init_opt = jax.jit(runner.tx.init, out_shardings=sh.opt_state)
         # Copy so that donation of the state never invalidates the caller's (or the model's) arrays.
         trainable = jax.tree.map(jnp.copy, trainable)
-        if opt_state is None:
-            opt_state = runner.tx.init(trainable)
         return step_lib.TrainState(step=step, params=trainable["student"], aux=trainable["aux"],
-                                                              opt_state=opt_state, rng=rng)
+                                                              opt_state=init_opt(trainable), rng=rng)
 
     def train_step(self, state: step_lib.TrainState, batch: Mapping[str, Any], stage: int = 0):
         """One jitted step of `stage`; returns the new state and `{name: (sum, count)}` metrics."""

@@ -28,7 +28,6 @@ from kdjax.matching import layer_pairs
 from kdjax.methods.base import MethodError, Term
 from kdjax.models.config import ModelConfig
 from kdjax.models.taps import TapSpec
-from kdjax.models.transformer import _act
 
 HEAD_SENSITIVE = ("attention_score_mse", "attention_kl")
 LOGIT_FNS = ("divergence", "soft_cross_entropy", "logit_mse")
@@ -89,10 +88,7 @@ def lm_head(graphdef, params) -> LinearHead:
     if c.head not in LM_HEADS:
         raise MethodError(f"chunked logit terms need an LM head ('mlm' or 'causal_lm'), got a '{c.head}' model; "
                           "drop chunk_size for this term")
-    pre = None
-    if c.head == "mlm":
-        def pre(h):
-            return model.mlm_norm(_act(c.activation, model.mlm_transform(h)))
+    pre = model.mlm_features if c.head == "mlm" else None
     bias = model.mlm_bias[...] if c.head == "mlm" else None
     if model.decoder is not None:
         return LinearHead(model.decoder.kernel[...], bias, pre=pre, dtype=model.decoder.dtype)

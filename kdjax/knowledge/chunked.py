@@ -248,8 +248,6 @@ def chunked_divergence(student_hidden, teacher_hidden, student_head: Head, teach
                                    n_blocks=vocab_blocks(student_head.vocab_size, block))
         count = jnp.sum(valid_nbc.astype(jnp.float32))
         return _util.safe_mean(total, count), {key: (total, count)}
-    t2 = jnp.square(jnp.asarray(temperature, jnp.float32)) if scale_by_t2 else None
-
     # Rematerialized: the backward pass keeps only this step's inputs (hidden chunks and mask) and
     # recomputes the [B, c, V] logits, instead of saving them for every chunk.
     @jax.checkpoint
@@ -260,11 +258,8 @@ def chunked_divergence(student_hidden, teacher_hidden, student_head: Head, teach
         s_logits = _util.zero_invalid(student_head(_util.zero_invalid(hs_bcd, valid_bc)), valid_bc)
         t_logits = _util.zero_invalid(teacher_head(_util.zero_invalid(ht_bcd, valid_bc)), valid_bc)
         t_logits = jax.lax.stop_gradient(t_logits)
-        per_token_bc = per_token_divergence(s_logits, t_logits, kind=kind, temperature=temperature,
-                                            beta=beta, lam=lam)
-        if t2 is not None:
-            per_token_bc = per_token_bc * t2
-        return jnp.sum(jnp.where(valid_bc, per_token_bc, 0.0))
+        return _masked_divergence_sum(s_logits, t_logits, valid_bc, temperature, kind=kind, beta=beta, lam=lam,
+                                      scale_by_t2=scale_by_t2)
 
     def step(total, xs):
         hs_bcd, ht_bcd, valid_bc = xs
@@ -273,6 +268,15 @@ def chunked_divergence(student_hidden, teacher_hidden, student_head: Head, teach
     total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), (hs_nbcd, ht_nbcd, valid_nbc))
     count = jnp.sum(valid_nbc.astype(jnp.float32))
     return _util.safe_mean(total, count), {key: (total, count)}
+
+
+def _masked_divergence_sum(s_logits, t_logits, valid_bc, temperature, *, kind: str, beta: float, lam: float,
+                           scale_by_t2: bool) -> Array:
+    """Σ over valid positions of one chunk's per-token divergence (times T² when asked)."""
+    per_token_bc = per_token_divergence(s_logits, t_logits, kind=kind, temperature=temperature, beta=beta, lam=lam)
+    if scale_by_t2:
+        per_token_bc = per_token_bc * jnp.square(jnp.asarray(temperature, jnp.float32))
+    return jnp.sum(jnp.where(valid_bc, per_token_bc, 0.0))
 
 
 def _linear_head_total(hs_nbcd, ht_nbcd, valid_nbc, head: LinearHead, teacher_head: Head, temperature, *,
@@ -298,11 +302,8 @@ def _linear_head_total(hs_nbcd, ht_nbcd, valid_nbc, head: LinearHead, teacher_he
 
     def chunk_sum(s_logits, t_logits, valid_bc, temp):
         # Same expression as the generic path: select invalid logits to 0, then the masked sum.
-        s_logits = _util.zero_invalid(s_logits, valid_bc)
-        per_token_bc = per_token_divergence(s_logits, t_logits, kind=kind, temperature=temp, beta=beta, lam=lam)
-        if scale_by_t2:
-            per_token_bc = per_token_bc * jnp.square(temp)
-        return jnp.sum(jnp.where(valid_bc, per_token_bc, 0.0))
+        return _masked_divergence_sum(_util.zero_invalid(s_logits, valid_bc), t_logits, valid_bc, temp, kind=kind,
+                                      beta=beta, lam=lam, scale_by_t2=scale_by_t2)
 
     @jax.custom_vjp
     def total_fn(hs, ht, valid, consts, weight, bias, tconsts, temp):

@@ -326,11 +326,15 @@ class Transformer(nnx.Module):
             allowed = allowed & causal[None]
         return allowed
 
+    def mlm_features(self, h: Array) -> Array:
+        """The MLM head's transform (dense, activation, norm) before its vocabulary projection."""
+        return self.mlm_norm(_act(self.config.activation, self.mlm_transform(h)))
+
     def lm_logits(self, h: Array) -> Array:
         """Vocabulary logits from final hidden states (MLM or causal-LM head); reusable per chunk."""
         c = self.config
         if c.head == "mlm":
-            h = self.mlm_norm(_act(c.activation, self.mlm_transform(h)))
+            h = self.mlm_features(h)
         if self.decoder is not None:
             logits = self.decoder(h)
         else:
