@@ -56,9 +56,11 @@ import jax
 import ml_collections
 
 from kdjax import sharding as sharding_lib
+from kdjax.distill import run as run_lib
 from kdjax.distill.sharded import ShardedStep, sharded_step
 from kdjax.methods.base import build_method
 from kdjax.models.config import ConfigError, ModelConfig, preset
+from kdjax.students import student_config
 
 __all__ = ["CPU_COMPILER_OPTIONS", "GIB", "MemoryUse", "PlanError", "PlanResult", "TPU_GENERATIONS",
            "TOPOLOGY_FORMS", "Topology", "compiler_options", "format_result", "get_topology", "models_from_config",
@@ -259,16 +261,45 @@ def model_config(spec: Mapping[str, Any], what: str) -> ModelConfig:
         raise PlanError(f"{what}: {e}") from None
 
 
-def models_from_config(config: Any) -> tuple[ModelConfig, dict[str, ModelConfig], dict[str, float]]:
-    """``(student, {teacher name: config}, {teacher name: weight})`` from ``*.model`` entries."""
-    teachers_cfg = _as_dict(_get(config, "teachers"))
-    specs = {n: s for n, s in teachers_cfg.items() if s} or {"teacher": _as_dict(_get(config, "teacher"))}
+def _teacher_config(name: str, spec: Mapping[str, Any], where: str) -> ModelConfig:
+    if spec.get("model"):
+        return model_config(spec.get("model"), f"{where}.model")
+    if spec.get("path"):
+        try:
+            return run_lib.checkpoint_model_config(spec)
+        except (ConfigError, ValueError, OSError) as e:
+            raise PlanError(f"{where}.path: {e}") from None
+    raise PlanError(f"{where} has neither `model` (ModelConfig fields) nor `path` (a checkpoint directory)")
+
+
+def models_from_config(config: Any, method=None) -> tuple[ModelConfig, dict[str, ModelConfig], dict[str, float]]:
+    """``(student, {teacher name: config}, {teacher name: weight})`` of a run config, without weights.
+
+    Teachers come from ``*.model`` (ModelConfig fields, for models too big to load here) or from the
+    checkpoint at ``*.path`` (its config.json only); the student from ``student.model``, ``student.path``
+    or derived from the first teacher exactly as a run derives it (``config.student`` fields).
+    """
+    try:
+        specs = run_lib.teacher_specs(config)
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
+    single = not _as_dict(_get(config, "teachers"))
     teachers, weights = {}, {}
     for name, spec in specs.items():
-        where = "config.teacher.model" if name == "teacher" and not teachers_cfg else f"config.teachers.{name}.model"
-        teachers[name] = model_config(spec.get("model"), where)
-        weights[name] = float(spec.get("weight", 1.0) or 1.0)
-    student = model_config(_as_dict(_get(config, "student")).get("model"), "config.student.model")
+        where = "config.teacher" if single else f"config.teachers.{name}"
+        teachers[name] = _teacher_config(name, spec, where)
+        weights[name] = run_lib.teacher_weight(spec)
+    s_spec = _as_dict(_get(config, "student"))
+    if s_spec.get("model"):
+        student = model_config(s_spec.get("model"), "config.student.model")
+    elif s_spec.get("path"):
+        student = _teacher_config("student", s_spec, "config.student")
+    else:
+        if method is None:
+            method = build_method(_get(config, "method", "kd"), _as_dict(_get(config, "method_args")))
+        init, kw = run_lib.student_kwargs(config, method)
+        kw.setdefault("num_layers", len(init) if not isinstance(init, str) else next(iter(teachers.values())).num_layers)
+        student = student_config(next(iter(teachers.values())), **kw)
     return student, teachers, weights
 
 
@@ -291,26 +322,30 @@ def _stage_index(config: Any, method) -> int:
 
 def build_planned_step(config: Any, mesh, *, student_remat: Optional[str] = None,
                        strict: Optional[bool] = None) -> ShardedStep:
-    """The `ShardedStep` a config describes, on ``mesh`` (abstract; nothing allocated)."""
-    student, teachers, weights = models_from_config(config)
+    """The `ShardedStep` a run config describes, on ``mesh`` (abstract; nothing allocated).
+
+    Models, per-teacher weights and rules, steps and optimizer are read by the same functions a run
+    uses (`kdjax.distill.run`), and the stage is assembled by the same `assemble_stage`.
+    """
+    method = build_method(_get(config, "method", "kd"), _as_dict(_get(config, "method_args")))
+    student, teachers, weights = models_from_config(config, method)
     if student_remat is not None:
         student = student.replace(remat_policy=student_remat)
-    method = build_method(_get(config, "method", "kd"), _as_dict(_get(config, "method_args")))
     stage = _stage_index(config, method)
     data = _get(_get(config, "data"), "train")
     batch_shape = (int(_get(data, "batch_size", 8)), int(_get(data, "max_length", 128)))
     train = _get(config, "train")
     plan_cfg = _get(config, "plan")
     strict = bool(_get(plan_cfg, "strict", True)) if strict is None else strict
-    steps = int(_get(train, "steps", 1000))
+    settings = run_lib.optimizer_settings(train)
+    steps = run_lib.stage_steps(config, method.stages[stage])
     return sharded_step(
         student, teachers, method, mesh,
-        student_rules=_rules(sharding_lib.DEFAULT_STUDENT_RULES, _get(_get(config, "student"), "rules")),
-        teacher_rules=_rules(sharding_lib.DEFAULT_TEACHER_RULES, _get(_get(config, "teacher"), "rules")),
-        batch_shape=batch_shape, learning_rate=float(_get(train, "learning_rate", 1e-4)), total_steps=steps,
-        grad_accum=int(_get(train, "grad_accum", 1)), stage=stage, teacher_weights=weights, strict=strict,
-        warmup_steps=int(_get(train, "warmup_steps", 0)), schedule=str(_get(train, "schedule", "linear")),
-        weight_decay=float(_get(train, "weight_decay", 0.01)), max_grad_norm=_get(train, "max_grad_norm", 1.0))
+        student_rules=run_lib.model_rules(config, "student"),
+        teacher_rules={name: run_lib.model_rules(config, "teacher", name) for name in teachers},
+        batch_shape=batch_shape, total_steps=steps, grad_accum=int(_get(train, "grad_accum", 1)), stage=stage,
+        teacher_weights=weights, strict=strict, seed=int(_get(train, "seed", 0)),
+        **dataclasses.asdict(settings))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -463,6 +463,28 @@ def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]], rules: Rules,
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def activation_constrainer(mesh: Mesh, rules: Rules) -> Callable:
+    """`fn(x, logical_axes)` for `kdjax.models.activations.constraints`: activations by these rules."""
+    rules = normalize_rules(rules)
+
+    def fn(x, logical_axes):
+        return constrain(x, logical_axes, rules, mesh)
+
+    return fn
+
+
+def with_activation_constraints(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
+    """`fn` traced with the models' block-boundary activations constrained by `rules` on `mesh`."""
+    from kdjax.models import activations
+    constrainer = activation_constrainer(mesh, rules)
+
+    def wrapped(*args, **kwargs):
+        with activations.constraints(constrainer):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 # --------------------------------------------------------------------------------------------------
 # Parameter trees.
 

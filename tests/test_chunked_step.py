@@ -6,6 +6,7 @@ step without it. The optimizer is plain SGD with learning rate 1, so the updated
 ``params - grads``: equal updates mean equal gradients (Adam's sign-like first step would hide errors).
 """
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -70,8 +71,8 @@ def kd_step(chunk_size=None, alpha=1.0, kind="forward_kl"):
     tx = optax.sgd(1.0)
     step = step_lib.build_step(student_graphdef=S_GRAPH, student_config=STUDENT, student_taps=s_taps,
                                teachers=[teacher], terms=terms, tx=tx, total_steps=10)
-    trainable = {"student": S_PARAMS, "aux": {}}
-    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=S_PARAMS, aux={},
+    trainable = {"student": S_PARAMS, "modules": {}}
+    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=S_PARAMS, modules={},
                                 opt_state=tx.init(trainable), rng=jax.random.key_data(jax.random.key(0)))
     return step, state
 
@@ -280,11 +281,12 @@ def test_vocab_map_applies_to_each_teacher_chunk():
     def both(params):
         s_out, s_inter = step_lib.forward(graph, params, batch)
         t_out, t_inter = step_lib.forward(T_GRAPH, T_PARAMS, batch)
-        kw = dict(progress=0.0, student=small, teacher=TEACHER, vocab_map=vocab_map)
-        chunked = terms_lib.term_loss(term, {}, s_out, s_inter, t_out, t_inter, batch, **kw,
-                                      student_head=terms_lib.lm_head(graph, params),
-                                      teacher_head=terms_lib.lm_head(T_GRAPH, T_PARAMS))[0]
-        full = terms_lib.term_loss(term, {}, s_out, s_inter, t_out, t_inter, batch, **kw)[0]
+        ctx = terms_lib.TermContext(step=0, progress=0.0, stage_key=jax.random.PRNGKey(0), batch=batch, student=small,
+                                    teacher=TEACHER, teacher_name="teacher", s_out=s_out, s_inter=s_inter, t_out=t_out,
+                                    t_inter=t_inter, vocab_map=vocab_map)
+        heads = dict(student_head=terms_lib.lm_head(graph, params), teacher_head=terms_lib.lm_head(T_GRAPH, T_PARAMS))
+        chunked = terms_lib.term_loss(term, dataclasses.replace(ctx, **heads))[0]
+        full = terms_lib.term_loss(term, ctx)[0]
         return chunked, full
 
     chunked, full = both(params)

@@ -94,15 +94,15 @@ def test_projection_is_trained_and_not_exported(teacher_dir, tmp_path):
     config.student.init = "random"
     run = Distillation(config)
     state = run.init_state()
-    assert state.aux and all(v["kernel"].shape == (16, 32) for v in state.aux.values())
-    aux_before = jax.tree.map(np.array, state.aux)
+    assert state.modules and all(v["kernel"].shape == (16, 32) for v in state.modules.values())
+    aux_before = jax.tree.map(np.array, state.modules)
     for batch in _batches(run, 2):  # step 0 has learning rate 0 (warmup)
         state, _ = run.train_step(state, batch)
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(aux_before), jax.tree.leaves(state.aux)))
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(aux_before), jax.tree.leaves(state.modules)))
     out = kdjax.save_pretrained(run.student_model(state), str(tmp_path / "student"))
     from safetensors.numpy import load_file
     names = load_file(os.path.join(out, "model.safetensors"))
-    assert not any("kernel" in n or "aux" in n for n in names)
+    assert not any("kernel" in n or "proj" in n for n in names)
 
 
 def test_multi_teacher_ensemble_weights(teacher_dir, tmp_path):

@@ -100,9 +100,10 @@ def _step(dropout, grad_accum=1):
     fn = step_lib.build_step(student_graphdef=s_graphdef, student_config=student, student_taps=s_taps,
                              teachers=[step_lib.TeacherSpec("teacher", t_graphdef, teacher, t_taps)], terms=terms,
                              tx=tx, total_steps=10, grad_accum=grad_accum)
-    aux = terms_lib.init_aux(terms, student, teacher, jax.random.PRNGKey(0))
-    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=s_params, aux=aux,
-                                opt_state=tx.init({"student": s_params, "aux": aux}), rng=jax.random.PRNGKey(0))
+    modules = terms_lib.init_modules(terms_lib.module_specs(terms, (), student, {"teacher": teacher}), student,
+                                     {"teacher": teacher}, jax.random.PRNGKey(0))
+    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=s_params, modules=modules,
+                                opt_state=tx.init({"student": s_params, "modules": modules}), rng=jax.random.PRNGKey(0))
     return jax.jit(fn), state, {"teacher": t_params}
 
 

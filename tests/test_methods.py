@@ -451,3 +451,12 @@ def test_logit_recipes_take_chunk_size(name):
     assert {k: v for k, v in b.kwargs.items() if k != "chunk_size"} == dict(a.kwargs)
     with pytest.raises(MethodError, match="chunk_size"):
         build_method(name, {"chunk_size": 0})
+
+
+def test_python_m_kdjax_methods_lists_every_recipe_with_its_stages():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "kdjax.methods"], capture_output=True, text=True, check=True).stdout
+    for name, description in known_methods(shipped_only=True).items():
+        assert f"{name:<22} {description}" in out
+    assert "stages: general -> task_kl -> task_prediction" in out  # glmd's three stages

@@ -215,3 +215,38 @@ def test_bert_large_tinybert_config_distills_attention_across_head_counts():
     config.mesh = dict(axes=("data", "fsdp", "tensor"), ici=(-1, 4, 1), dcn=(1, 1, 1))
     r = P.plan_step(config, P.get_topology("cpu:8", device_memory_gb=1.0))
     assert r.fits and r.mesh_shape == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# Run configs plan as they run: one reading of the config, one stage assembly.
+
+
+def test_a_run_config_with_a_checkpoint_teacher_plans_like_it_runs(tmp_path):
+    """A run config (teacher by path, student derived from it) plans on cpu:8; the planned step's
+    models, student layers and taps are those `Distillation` builds for the same config."""
+    from distill_fixtures import save_teacher, tiny_config as run_config, tiny_teacher
+    from kdjax.distill import Distillation
+    path = save_teacher(tiny_teacher(head="classification"), str(tmp_path / "teacher"))
+    c = run_config(path, method="tinybert", batch=8, max_length=16)
+    c.mesh = dict(axes=("data", "fsdp", "tensor"), ici=(1, -1, 2), dcn=(1, 1, 1))
+    c.plan = dict(stage=1, strict=False)
+    r = P.plan_step(c, P.get_topology("cpu:8", device_memory_gb=1.0))
+    assert r.fits
+    planned = P.build_planned_step(c, S.make_mesh(S.MeshConfig.from_config(dict(c.mesh))))
+    run = Distillation(c)
+    runner = run.runner(1)
+    assert planned.student_config == runner.student_config
+    assert planned.student_taps == runner.student_taps
+    assert [t.taps for t in planned.teachers] == [t.taps for t in runner.teachers]
+
+
+def test_plan_keeps_zero_teacher_weights_and_per_teacher_rules():
+    c = tiny_config()
+    c.teachers = dict(big=dict(model=dict(TEACHER), weight=1.0, rules=dict(mlp="fsdp")),
+                      off=dict(model=dict(TEACHER), weight=0.0))
+    _, _, weights = P.models_from_config(c)
+    assert weights == {"big": 1.0, "off": 0.0}
+    step = P.build_planned_step(c, S.make_mesh(S.MeshConfig.from_config(dict(c.mesh))))
+    assert [t.weight for t in step.teachers] == [1.0, 0.0]
+    assert dict(step.teacher_rules["big"])["mlp"] == "fsdp"
+    assert dict(step.teacher_rules["off"])["mlp"] != "fsdp"

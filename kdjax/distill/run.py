@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from kdjax.distill import stage as stage_lib
 from kdjax.distill import step as step_lib
+from kdjax.distill.hooks import hook_rng
 from kdjax.distill import terms as terms_lib
 from kdjax.hub.api import Model, flat_params, load_pretrained, params_from_flat
 from kdjax.hub.checkpoint import resolve_model_path  # noqa: F401  (re-exported for configs and tests)
@@ -78,6 +80,62 @@ def model_rules(config, role: str, name: Optional[str] = None) -> dict:
     return sharding_lib.merge_rules(base, _as_dict(_cfg_get(spec, "rules")))
 
 
+TEACHER_LOAD_KEYS = ("dtype", "head", "scan_layers", "remat_policy", "param_dtype")
+STUDENT_SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size",
+                      "head", "dtype", "param_dtype", "num_labels", "scan_layers", "remat_policy", "dropout",
+                      "attention_dropout")
+
+
+def teacher_specs(config) -> dict[str, dict]:
+    """`{name: spec}` of `config.teachers` (an ensemble) or the single `config.teacher` (named "teacher")."""
+    specs = {n: s for n, s in _as_dict(_cfg_get(config, "teachers")).items() if s}
+    specs = specs or {"teacher": _as_dict(_cfg_get(config, "teacher"))}
+    if not any(specs.values()):
+        raise ConfigError("the config names no teacher: set config.teacher.path (a HF directory or hub id)")
+    return {name: _as_dict(spec) for name, spec in specs.items()}
+
+
+def teacher_weight(spec: Mapping[str, Any]) -> float:
+    """A teacher's ensemble weight (default 1; 0 is a weight like any other)."""
+    value = spec.get("weight")
+    return 1.0 if value is None else float(value)
+
+
+def teacher_load_kwargs(spec: Mapping[str, Any]) -> dict:
+    return {key: spec[key] for key in TEACHER_LOAD_KEYS if spec.get(key) is not None}
+
+
+def checkpoint_model_config(spec: Mapping[str, Any]):
+    """The `ModelConfig` of a teacher checkpoint from its config.json and tensor names (no weights read)."""
+    from kdjax.hub import checkpoint as ckpt
+    from kdjax.hub.api import checkpoint_config
+    directory = ckpt.resolve_checkpoint_dir(resolve_model_path(spec["path"]))
+    return checkpoint_config(ckpt.read_hf_config(directory), ckpt.TensorReader(directory).names(),
+                             **teacher_load_kwargs(spec))
+
+
+def student_kwargs(config, method: Method) -> tuple[Any, dict]:
+    """(layer init, `student_from` keyword arguments) of `config.student` (a student derived from a teacher)."""
+    spec = _as_dict(_cfg_get(config, "student"))
+    init = spec.get("layers") or spec.get("init") or method.student_init
+    if isinstance(init, list):
+        init = tuple(init)
+    return init, {k: spec[k] for k in STUDENT_SHAPE_KEYS if spec.get(k) is not None}
+
+
+def optimizer_settings(train_cfg) -> "stage_lib.OptimizerSettings":
+    """The optimizer of `config.train` (every stage; a stage may override the learning rate)."""
+    tc = train_cfg
+    return stage_lib.OptimizerSettings(
+        learning_rate=float(_cfg_get(tc, "learning_rate", 1e-4)), warmup_steps=int(_cfg_get(tc, "warmup_steps", 0)),
+        warmup_ratio=float(_cfg_get(tc, "warmup_ratio", 0.0)), schedule=_cfg_get(tc, "schedule", "linear"),
+        weight_decay=float(_cfg_get(tc, "weight_decay", 0.01)), max_grad_norm=_cfg_get(tc, "max_grad_norm", 1.0))
+
+
+def stage_steps(config, stage: Stage) -> int:
+    return int(stage.steps or _cfg_get(_cfg_get(config, "train"), "steps", 100))
+
+
 def load_teachers(config, mesh=None) -> dict[str, tuple[Model, float]]:
     """`config.teachers = {name: {path, weight, dtype, head}}` or a single `config.teacher`.
 
@@ -85,17 +143,11 @@ def load_teachers(config, mesh=None) -> dict[str, tuple[Model, float]]:
     layout (`kdjax.hub.streaming.load_sharded`: every process reads only its devices' blocks, so no host
     holds a whole large teacher); PyTorch `.bin` checkpoints are read whole and then placed.
     """
-    specs = _as_dict(_cfg_get(config, "teachers")) or {"teacher": _as_dict(_cfg_get(config, "teacher"))}
-    if not any(specs.values()):
-        raise ConfigError("the config names no teacher: set config.teacher.path (a HF directory or hub id)")
     teachers = {}
-    for name, spec in specs.items():
+    for name, spec in teacher_specs(config).items():
         if not spec.get("path"):
             raise ConfigError(f"teacher {name!r} has no path")
-        kw = {}
-        for key in ("dtype", "head", "scan_layers", "remat_policy", "param_dtype"):
-            if spec.get(key) is not None:
-                kw[key] = spec[key]
+        kw = teacher_load_kwargs(spec)
         path = resolve_model_path(spec["path"])
         if mesh is not None and mesh.size > 1 and _is_safetensors_dir(path):
             from kdjax.hub.streaming import load_sharded
@@ -104,7 +156,7 @@ def load_teachers(config, mesh=None) -> dict[str, tuple[Model, float]]:
             model = load_sharded(path, mesh, rules, progress=jax.process_index() == 0, **kw)
         else:
             model = load_pretrained(path, **kw)
-        teachers[name] = (model, float(spec.get("weight", 1.0)))
+        teachers[name] = (model, teacher_weight(spec))
     return teachers
 
 
@@ -122,13 +174,7 @@ def build_student(config, teacher: Model, method: Method, compression=None) -> M
         kw = {k: spec[k] for k in ("dtype", "head", "param_dtype", "dropout", "attention_dropout")
               if spec.get(k) is not None}
         return load_pretrained(resolve_model_path(spec["path"]), **kw)
-    init = spec.get("layers") or spec.get("init") or method.student_init
-    if isinstance(init, list):
-        init = tuple(init)
-    kw = {k: spec[k] for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size",
-                                                          "vocab_size", "head", "dtype", "param_dtype", "num_labels", "scan_layers",
-                                                          "remat_policy", "dropout", "attention_dropout")
-          if spec.get(k) is not None}
+    init, kw = student_kwargs(config, method)
     if compression is not None:
         kw["vocab_size"] = compression.size
     student = student_from(teacher, init=init, seed=int(spec.get("seed", 0)), **kw)
@@ -197,20 +243,17 @@ def with_head(model: Model, head: str, num_labels: Optional[int] = None) -> Mode
 
 @dataclasses.dataclass
 class StageRunner:
-    """The compiled pieces of one stage."""
+    """A stage's program (`kdjax.distill.stage.StageProgram`) with its jitted step and eval."""
 
-    index: int
-    stage: Stage
-    steps: int
-    teachers: list[step_lib.TeacherSpec]
-    student_config: Any
-    student_graphdef: Any
-    student_taps: Any
-    tx: Any
+    program: stage_lib.StageProgram
     step_fn: Any  # jitted
     eval_fn: Any  # jitted
-    update_mask: Any = None
     state_shardings: Any = None  # a TrainState of NamedShardings on a multi-device mesh, else None
+
+    def __getattr__(self, name):  # index, stage, steps, teachers, student_config, tx, update_mask, ...
+        if name == "program":
+            raise AttributeError(name)
+        return getattr(self.program, name)
 
 
 class _MeshStep:
@@ -306,25 +349,13 @@ class Distillation:
         return len(self.method.stages)
 
     def _stage_teachers(self, stage: Stage) -> dict[str, tuple[Model, float]]:
-        if stage.teacher is None:
-            return self.teachers
-        if stage.teacher not in self.teachers:
-            if len(self.teachers) == 1:
-                log.warning("stage %r asks for teacher %r; using the only teacher %r", stage.name, stage.teacher,
-                                        next(iter(self.teachers)))
-                return self.teachers
-            raise ConfigError(f"stage {stage.name!r} needs teacher {stage.teacher!r}; config.teachers has "
-                                                f"{', '.join(self.teachers)}")
-        return {stage.teacher: self.teachers[stage.teacher]}
+        return {name: self.teachers[name] for name in stage_lib.stage_teachers(stage, list(self.teachers))}
 
     def _student_config_for(self, stage: Stage):
-        if stage.student_head and stage.student_head != self.student.config.head:
-            return self.student.config.replace(head=stage.student_head)
-        return self.student.config
+        return stage_lib.stage_student_config(stage, self.student.config)
 
     def stage_steps(self, index: int) -> int:
-        stage = self.method.stages[index]
-        return int(stage.steps or _cfg_get(self.train_cfg, "steps", 100))
+        return stage_steps(self.config, self.method.stages[index])
 
     def teacher_params(self, index: int = 0) -> dict:
         return {name: model.params for name, (model, _) in self._stage_teachers(self.method.stages[index]).items()}
@@ -336,69 +367,31 @@ class Distillation:
         student = self.student
         if stage.student_head:
             student = with_head(student, stage.student_head)
-        s_cfg = student.config
-        teachers = []
-        s_taps_all: dict = {}
-        for name, (teacher, weight) in self._stage_teachers(stage).items():
-            s_taps, t_taps = terms_lib.required_taps(stage.terms, s_cfg, teacher.config)
-            teachers.append(step_lib.TeacherSpec(name=name, graphdef=teacher.graphdef, config=teacher.config,
-                                                                                      taps=t_taps, weight=weight))
-            for kind, layers in s_taps.items:
-                s_taps_all.setdefault(kind, set()).update(layers or ())
-        from kdjax.models.taps import TapSpec
-        student_taps = TapSpec.of({k: (tuple(sorted(v)) if v else None) for k, v in s_taps_all.items()})
-        steps = self.stage_steps(index)
-        tc = self.train_cfg
-        tx = step_lib.make_optimizer(
-                learning_rate=float(stage.learning_rate or _cfg_get(tc, "learning_rate", 1e-4)), total_steps=steps,
-                warmup_steps=int(_cfg_get(tc, "warmup_steps", 0) or round(float(_cfg_get(tc, "warmup_ratio", 0.0)) * steps)),
-                schedule=_cfg_get(tc, "schedule", "linear"), weight_decay=float(_cfg_get(tc, "weight_decay", 0.01)),
-                max_grad_norm=_cfg_get(tc, "max_grad_norm", 1.0))
-        update_mask = step_lib.scope_mask(student.params, stage.train_scope)
-        step_fn = step_lib.build_step(
-                student_graphdef=student.graphdef, student_config=s_cfg, student_taps=student_taps, teachers=teachers,
-                terms=stage.terms, tx=tx, total_steps=steps, grad_accum=int(_cfg_get(tc, "grad_accum", 1)),
-                update_mask=update_mask, vocab_map=self.vocab_map)
-        eval_fn = self._build_eval(student, student_taps, teachers, stage)
+        teachers = {name: stage_lib.TeacherEntry(model.graphdef, model.config, weight)
+                    for name, (model, weight) in self._stage_teachers(stage).items()}
+        program = stage_lib.assemble_stage(
+            self.method, index, student_graphdef=student.graphdef, student_config=student.config,
+            student_params=student.params, teachers=teachers, steps=self.stage_steps(index),
+            optimizer=optimizer_settings(self.train_cfg), grad_accum=int(_cfg_get(self.train_cfg, "grad_accum", 1)),
+            vocab_map=self.vocab_map, seed=int(_cfg_get(self.train_cfg, "seed", 0)))
         state_shardings = None
         if self.sharded:
             from kdjax import sharding as sharding_lib
             from kdjax.distill.sharded import train_state_layout
             student_shardings = sharding_lib.param_shardings(student.params, self.mesh, self.student_rules)
-            aux_abstract = jax.eval_shape(lambda r: terms_lib.init_aux(stage.terms, s_cfg, teachers[0].config, r),
-                                          jax.ShapeDtypeStruct((2,), jnp.uint32))
-            _, state_shardings = train_state_layout(tx, student.params, student_shardings, aux_abstract, self.mesh)
-            jitted = _MeshStep(step_fn, state_shardings, {t.name: self._teacher_shardings[t.name] for t in teachers},
+            _, state_shardings = train_state_layout(program.tx, student.params, student_shardings,
+                                                    program.abstract_modules(), self.mesh)
+            constrained = sharding_lib.with_activation_constraints(program.step_fn, self.mesh, self.student_rules)
+            jitted = _MeshStep(constrained, state_shardings,
+                               {t.name: self._teacher_shardings[t.name] for t in program.teachers},
                                sharding_lib.batch_sharding(self.mesh, self.student_rules), self.mesh)
         else:
-            jitted = jax.jit(step_fn, donate_argnums=0)
-        runner = StageRunner(index=index, stage=stage, steps=steps, teachers=teachers, student_config=s_cfg,
-                                                  student_graphdef=student.graphdef, student_taps=student_taps, tx=tx,
-                                                  step_fn=jitted, eval_fn=jax.jit(eval_fn), update_mask=update_mask,
-                                                  state_shardings=state_shardings)
+            jitted = jax.jit(program.step_fn, donate_argnums=0)
+        runner = StageRunner(program=program, step_fn=jitted, eval_fn=jax.jit(program.eval_fn),
+                             state_shardings=state_shardings)
         self._runners[index] = runner
         self._stage_student[index] = student
         return runner
-
-    def _build_eval(self, student: Model, student_taps, teachers, stage: Stage):
-        from kdjax.models.transformer import forward
-        vocab_map = self.vocab_map
-
-        def eval_fn(params, aux, teacher_params, batch):
-            s_out, s_inter = forward(student.graphdef, params, step_lib.student_view(batch), student_taps)
-            metrics: dict = {}
-            for t in teachers:
-                t_out, t_inter = forward(t.graphdef, teacher_params[t.name], batch, t.taps)
-                loss, m = terms_lib.stage_loss(stage.terms, aux, s_out, s_inter, t_out, t_inter, batch, progress=1.0,
-                                                                              student=student.config, teacher=t.config, vocab_map=vocab_map)
-                m = dict(m)
-                m["loss"] = (loss, jnp.ones((), jnp.float32))
-                if len(teachers) > 1:
-                    m = {f"{t.name}/{k}": v for k, v in m.items()}
-                metrics = terms_lib.merge_metrics(metrics, m)
-            return metrics, s_out.logits
-
-        return eval_fn
 
     # ----------------------------------------------------------------------------------------------
     def init_state(self, stage: int = 0, params=None) -> step_lib.TrainState:
@@ -412,33 +405,53 @@ class Distillation:
             params = with_head(carried, student.config.head).params
         seed = int(_cfg_get(self.train_cfg, "seed", 0))
         rng = jax.random.PRNGKey(seed + 1000 * stage)
-        teacher_cfg = runner.teachers[0].config
-        aux = terms_lib.init_aux(runner.stage.terms, runner.student_config, teacher_cfg, rng)
-        trainable = {"student": params, "aux": aux}
+        trainable = {"student": params, "modules": runner.program.init_modules(rng)}
         step = jnp.zeros((), jnp.int32)
         init_opt = runner.tx.init
         sh = runner.state_shardings
         if sh is not None:  # on a mesh: every leaf in its layout, the moments created in theirs
-            trainable = jax.device_put(trainable, {"student": sh.params, "aux": sh.aux})
+            trainable = jax.device_put(trainable, {"student": sh.params, "modules": sh.modules})
             step, rng = jax.device_put(step, sh.step), jax.device_put(rng, sh.rng)
             init_opt = jax.jit(runner.tx.init, out_shardings=sh.opt_state)
         # Copy so that donation of the state never invalidates the caller's (or the model's) arrays.
         trainable = jax.tree.map(jnp.copy, trainable)
-        return step_lib.TrainState(step=step, params=trainable["student"], aux=trainable["aux"],
+        return step_lib.TrainState(step=step, params=trainable["student"], modules=trainable["modules"],
                                                               opt_state=init_opt(trainable), rng=rng)
 
     def train_step(self, state: step_lib.TrainState, batch: Mapping[str, Any], stage: int = 0):
-        """One jitted step of `stage`; returns the new state and `{name: (sum, count)}` metrics."""
+        """One jitted step of `stage`; returns the new state and `{name: (sum, count)}` metrics.
+
+        A stage's data hook (`kdjax.distill.hooks.DataHook`) rewrites the batch first, on the host, with a
+        generator seeded by (seed, stage, step)."""
         runner = self.runner(stage)
-        return runner.step_fn(state, self.teacher_params(stage), self.prepare_batch(batch))
+        hook = runner.stage.data_hook
+        extra: tuple = ()
+        if hook is not None:
+            step = int(jax.device_get(state.step))
+            rng = hook_rng(int(_cfg_get(self.train_cfg, "seed", 0)), stage, step)
+            before = set(batch)
+            batch = hook(self, state, batch, rng, stage=stage, step=step)
+            extra = tuple(sorted(set(batch) - before))
+        return runner.step_fn(state, self.teacher_params(stage), self.prepare_batch(batch, extra))
+
+    def host_state(self) -> dict:
+        """JSON-able state of the stages' data hooks, stored in every checkpoint's metadata."""
+        return {str(i): s.data_hook.state_dict() for i, s in enumerate(self.method.stages) if s.data_hook is not None}
+
+    def restore_host_state(self, state: Optional[Mapping[str, Any]]) -> None:
+        for key, value in dict(state or {}).items():
+            hook = self.method.stages[int(key)].data_hook
+            if hook is not None:
+                hook.load_state_dict(value)
 
     def evaluate_batch(self, state: step_lib.TrainState, batch: Mapping[str, Any], stage: int = 0):
         runner = self.runner(stage)
-        return runner.eval_fn(state.params, state.aux, self.teacher_params(stage), self.prepare_batch(batch))
+        return runner.eval_fn(state.params, state.modules, self.teacher_params(stage), self.prepare_batch(batch))
 
-    def prepare_batch(self, batch: Mapping[str, Any]) -> dict:
+    def prepare_batch(self, batch: Mapping[str, Any], extra: Sequence[str] = ()) -> dict:
+        """The fields the step reads (plus `extra`: fields a data hook added), as device arrays."""
         keep = ("input_ids", "attention_mask", "token_type_ids", "labels", "position_ids", "student_input_ids",
-                "student_labels")
+                "student_labels", *extra)
         out = {k: jnp.asarray(v) for k, v in batch.items() if k in keep}
         if self.student.config.type_vocab_size == 0 and all(m.config.type_vocab_size == 0 for m, _ in self.teachers.values()):
             out.pop("token_type_ids", None)

@@ -22,7 +22,7 @@ Placement:
   (`kdjax.sharding.param_shardings`);
 * the optimizer state mirrors the parameters: every AdamW moment takes the sharding of the
   parameter it belongs to (`optax.tree_map_params`); counters and schedule state are replicated;
-* learned projections (``aux``), the step counter and the RNG key are replicated (they are small);
+* the method's modules (learned projections and others), the step counter and the RNG key are replicated (they are small);
 * the batch is split over the ``act_batch`` mesh axes; metrics come back replicated.
 """
 
@@ -39,8 +39,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kdjax import sharding as sharding_lib
+from kdjax.distill import stage as stage_lib
 from kdjax.distill import step as step_lib
-from kdjax.distill import terms as terms_lib
 from kdjax.hub.api import abstract_model
 from kdjax.methods.base import Method, MethodError, build_method
 from kdjax.models.config import ModelConfig
@@ -120,7 +120,7 @@ class ShardedStep:
     abstract_state: step_lib.TrainState
     abstract_teacher_params: dict[str, Any]
     abstract_batch: dict[str, jax.ShapeDtypeStruct]
-    aux_init: Callable[[jax.Array], Any]
+    modules_init: Callable[[jax.Array], Any]
 
     # ----------------------------------------------------------------------------------------------
     # Compilation.
@@ -162,7 +162,7 @@ class ShardedStep:
                 for name in self.teacher_configs}
 
     def init_state(self, seed: int = 0, student_params: Any = None) -> step_lib.TrainState:
-        """A fresh sharded `TrainState`: new (or given) student params, aux projections, optimizer state.
+        """A fresh sharded `TrainState`: new (or given) student params, the method's modules, optimizer state.
 
         The RNG key and the projection initialization follow `Distillation.init_state` for stage 0
         (``PRNGKey(seed)``), so a single-device run started from the same parameters matches.
@@ -173,11 +173,11 @@ class ShardedStep:
             # A copy on the mesh, so donating the state never invalidates the caller's arrays.
             student_params = jax.tree.map(jnp.copy, jax.device_put(student_params, self.state_shardings.params))
         rng = jax.device_put(jax.random.PRNGKey(seed), self.state_shardings.rng)
-        aux = jax.jit(self.aux_init, out_shardings=self.state_shardings.aux)(rng)
-        trainable = {"student": student_params, "aux": aux}
+        modules = jax.jit(self.modules_init, out_shardings=self.state_shardings.modules)(rng)
+        trainable = {"student": student_params, "modules": modules}
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(trainable)
         step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step)
-        return step_lib.TrainState(step=step, params=student_params, aux=aux, opt_state=opt_state, rng=rng)
+        return step_lib.TrainState(step=step, params=student_params, modules=modules, opt_state=opt_state, rng=rng)
 
     def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """A host batch laid out like `abstract_batch` (fields the step does not read are dropped)."""
@@ -195,23 +195,23 @@ class ShardedStep:
 
 
 def train_state_layout(tx: optax.GradientTransformation, student_abstract: Any, student_shardings: Any,
-                       aux_abstract: Any, mesh: Mesh) -> tuple[step_lib.TrainState, step_lib.TrainState]:
+                       modules_abstract: Any, mesh: Mesh) -> tuple[step_lib.TrainState, step_lib.TrainState]:
     """``(abstract TrainState, TrainState of shardings)`` for a student laid out by ``student_shardings``.
 
     Every AdamW moment takes the sharding of the parameter it belongs to (`optax.tree_map_params`);
-    the aux projections, the step counter, the RNG key and the optimizer's counters are replicated.
+    the method's modules (projections included), the step counter, the RNG key and the optimizer's counters are replicated.
     """
     replicated = NamedSharding(mesh, PartitionSpec())
-    aux_shardings = jax.tree.map(lambda _: replicated, aux_abstract)
-    trainable_abstract = {"student": student_abstract, "aux": aux_abstract}
-    trainable_shardings = {"student": student_shardings, "aux": aux_shardings}
+    modules_shardings = jax.tree.map(lambda _: replicated, modules_abstract)
+    trainable_abstract = {"student": student_abstract, "modules": modules_abstract}
+    trainable_shardings = {"student": student_shardings, "modules": modules_shardings}
     opt_abstract = jax.eval_shape(tx.init, trainable_abstract)
     opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, trainable_shardings,
                                           transform_non_params=lambda _: replicated, is_leaf=_is_sharding)
-    shardings = step_lib.TrainState(step=replicated, params=student_shardings, aux=aux_shardings,
+    shardings = step_lib.TrainState(step=replicated, params=student_shardings, modules=modules_shardings,
                                     opt_state=opt_shardings, rng=replicated)
     abstract = step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=student_abstract,
-                                   aux=aux_abstract, opt_state=opt_abstract, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+                                   modules=modules_abstract, opt_state=opt_abstract, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
     return abstract, shardings
 
 
@@ -252,7 +252,7 @@ def sharded_step(student_config: ModelConfig, teacher_configs: Mapping[str, Mode
                  learning_rate: float, total_steps: int, grad_accum: int = 1, stage: int = 0,
                  teacher_weights: Optional[Mapping[str, float]] = None, method_args: Optional[Mapping] = None,
                  strict: bool = False, optimizer: Optional[optax.GradientTransformation] = None,
-                 max_traces: Optional[int] = None, **optimizer_kwargs: Any) -> ShardedStep:
+                 max_traces: Optional[int] = None, seed: int = 0, **optimizer_kwargs: Any) -> ShardedStep:
     """The jitted step of stage ``stage`` of ``method`` for these models on ``mesh``.
 
     Args:
@@ -278,12 +278,9 @@ def sharded_step(student_config: ModelConfig, teacher_configs: Mapping[str, Mode
     teacher_configs = dict(teacher_configs)
     if not teacher_configs:
         raise ValueError("teacher_configs is empty; pass {name: ModelConfig} with at least one teacher")
-    if st.teacher is not None and st.teacher in teacher_configs:
-        teacher_configs = {st.teacher: teacher_configs[st.teacher]}
-    if st.student_head and st.student_head != student_config.head:
-        student_config = student_config.replace(head=st.student_head)
+    teacher_configs = {n: teacher_configs[n] for n in stage_lib.stage_teachers(st, list(teacher_configs))}
+    student_config = stage_lib.stage_student_config(st, student_config)
     weights = dict(teacher_weights or {})
-    terms = tuple(st.terms)
 
     t_rules = _per_teacher_rules(teacher_rules, list(teacher_configs))
     sharding_lib.validate_rules(student_rules, mesh)
@@ -292,25 +289,18 @@ def sharded_step(student_config: ModelConfig, teacher_configs: Mapping[str, Mode
 
     # Models: graphdefs and abstract parameters only; nothing is allocated.
     student_graphdef, student_abstract = abstract_model(student_config)
-    teachers: list[step_lib.TeacherSpec] = []
     teacher_abstract: dict[str, Any] = {}
-    student_kinds: dict[str, set] = {}
+    entries = {}
     for name, t_cfg in teacher_configs.items():
-        terms_lib.validate_terms(terms, student_config, t_cfg)
-        s_taps, t_taps = terms_lib.required_taps(terms, student_config, t_cfg)
         graphdef, teacher_abstract[name] = abstract_model(t_cfg)
-        teachers.append(step_lib.TeacherSpec(name=name, graphdef=graphdef, config=t_cfg, taps=t_taps,
-                                             weight=float(weights.get(name, 1.0))))
-        for kind, layers in s_taps.items:
-            student_kinds.setdefault(kind, set()).update(layers or ())
-    student_taps = TapSpec.of({k: (tuple(sorted(v)) if v else None) for k, v in student_kinds.items()})
-
-    tx = optimizer if optimizer is not None else step_lib.make_optimizer(
-        learning_rate=learning_rate, total_steps=total_steps, **optimizer_kwargs)
-    update_mask = step_lib.scope_mask(student_abstract, st.train_scope) if st.train_scope != "all" else None
-    step_fn = step_lib.build_step(student_graphdef=student_graphdef, student_config=student_config,
-                                  student_taps=student_taps, teachers=teachers, terms=terms, tx=tx,
-                                  total_steps=total_steps, grad_accum=grad_accum, update_mask=update_mask)
+        entries[name] = stage_lib.TeacherEntry(graphdef, t_cfg, float(weights.get(name, 1.0)))
+    program = stage_lib.assemble_stage(
+        method, stage, student_graphdef=student_graphdef, student_config=student_config,
+        student_params=student_abstract, teachers=entries, steps=total_steps,
+        optimizer=stage_lib.OptimizerSettings(learning_rate=learning_rate, **optimizer_kwargs),
+        grad_accum=grad_accum, seed=seed, tx=optimizer)
+    tx, step_fn, teachers, student_taps, terms = (program.tx, program.step_fn, program.teachers, program.student_taps,
+                                                  tuple(st.terms))
 
     # Shardings.
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -318,13 +308,11 @@ def sharded_step(student_config: ModelConfig, teacher_configs: Mapping[str, Mode
     teacher_shardings = {name: sharding_lib.param_shardings(teacher_abstract[name], mesh, t_rules[name],
                                                             strict=strict)
                          for name in teacher_configs}
-    first_teacher = next(iter(teacher_configs.values()))
 
-    def aux_init(rng):
-        return terms_lib.init_aux(terms, student_config, first_teacher, rng)
-
-    aux_abstract = jax.eval_shape(aux_init, jax.ShapeDtypeStruct((2,), jnp.uint32))
-    state_abstract, state_shardings = train_state_layout(tx, student_abstract, student_shardings, aux_abstract, mesh)
+    modules_init = program.init_modules
+    modules_abstract = program.abstract_modules()
+    state_abstract, state_shardings = train_state_layout(tx, student_abstract, student_shardings, modules_abstract,
+                                                         mesh)
 
     token_sharding = sharding_lib.batch_sharding(mesh, student_rules)
     b, s = _check_batch(batch_shape, grad_accum, token_sharding)
@@ -332,10 +320,11 @@ def sharded_step(student_config: ModelConfig, teacher_configs: Mapping[str, Mode
     batch_shardings = {name: sharding_lib._fit_to_rank(token_sharding, len(spec.shape))
                        for name, spec in fields.items()}
 
-    traced_fn = step_fn
+    # Both models' residual streams take the shared activation layout (batch over data/fsdp).
+    traced_fn = sharding_lib.with_activation_constraints(step_fn, mesh, student_rules)
     if max_traces is not None:
         import chex  # test-and-debug dependency; only needed when the guard is asked for
-        traced_fn = chex.assert_max_traces(step_fn, n=int(max_traces))
+        traced_fn = chex.assert_max_traces(traced_fn, n=int(max_traces))
     jitted = jax.jit(traced_fn, in_shardings=(state_shardings, teacher_shardings, batch_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=0)
     return ShardedStep(
@@ -346,4 +335,4 @@ def sharded_step(student_config: ModelConfig, teacher_configs: Mapping[str, Mode
         abstract_state=_abstract_with(state_abstract, state_shardings),
         abstract_teacher_params={n: _abstract_with(teacher_abstract[n], teacher_shardings[n])
                                  for n in teacher_configs},
-        abstract_batch=_abstract_with(fields, batch_shardings), aux_init=aux_init)
+        abstract_batch=_abstract_with(fields, batch_shardings), modules_init=modules_init)

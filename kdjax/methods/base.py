@@ -14,19 +14,10 @@ import importlib
 import pkgutil
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-# What a term reads and in which layer-index space its `layers` live.
-SOURCES = {
-        "logits": None,  # head outputs ([B,S,V] token-level or [B,C] sample-level)
-        "hidden_states": "hidden",
-        "embeddings": None,
-        "cls": "hidden",  # hidden state of token 0 at the matched layers ([B,D] per pair)
-        "attention_scores": "attention",
-        "attention_probs": "attention",
-        "qkv": "attention",  # (query, key, value), heads concatenated
-        "value": "attention",
-        "attention_context": "attention",
-        "labels": None,  # hard-label cross-entropy on the student alone
-}
+from kdjax.knowledge import registry as _registry
+
+# What a term reads (tap kinds, layer-index space): the one table lives with the knowledge registry.
+SOURCES = {name: source.space for name, source in _registry.SOURCES.items()}
 
 Schedule = Union[float, tuple]  # a constant, or ("linear"|"cosine", start, end) over the stage
 
@@ -73,7 +64,7 @@ class Term:
 
     @property
     def space(self) -> Optional[str]:
-        return SOURCES[self.source]
+        return _registry.SOURCES[self.source].space
 
     def replace(self, **changes: Any) -> "Term":
         if "args" in changes and isinstance(changes["args"], Mapping):
@@ -85,8 +76,33 @@ class Term:
 
 
 @dataclasses.dataclass(frozen=True)
+class Module:
+    """Learnable parameters owned by a method: trained with the student, checkpointed, never exported.
+
+    `init(key, student_config, {teacher name: teacher_config}) -> params` (a pytree of float arrays).
+    Terms and the stage's `loss` read them as `ctx.modules[name]`. `learning_rate`: None trains the
+    module at the stage's rate and schedule; a number gives it its own (same warmup and decay shape).
+    They are replicated on a mesh (small by design).
+    """
+
+    name: str
+    init: Callable[..., Any]
+    learning_rate: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Stage:
-    """Terms trained together, with an optional step budget, learning rate, data and teacher of their own."""
+    """Terms trained together, with an optional step budget, learning rate, data and teacher of their own.
+
+    Dynamic methods add, each optional:
+      modules: learnable `Module`s of the method (besides the automatic width projections).
+      loss: `loss(sctx: kdjax.distill.step.StageContext) -> (loss, metrics)` replaces the default
+        weighted sum over teachers and terms, inside the jitted step: it may run the student more than
+        once (with forward hooks), weight or route examples between teachers with per-example losses,
+        and read the step, progress and per-step keys. See docs/writing_a_method.md.
+      data_hook: a `kdjax.distill.hooks.DataHook` that rewrites each batch on the host before the step
+        (e.g. student or teacher sampling), with its own RNG stream and checkpointed state.
+    """
 
     name: str
     terms: tuple[Term, ...]
@@ -96,6 +112,9 @@ class Stage:
     teacher: Optional[str] = None  # a key of config.teachers; None: every teacher, weighted
     student_head: Optional[str] = None  # switch the student head for this stage (e.g. "classification")
     train_scope: str = "all"  # "all" parameters, or "progressive:<layer>" (MobileBERT) freezes others
+    modules: tuple = ()
+    loss: Optional[Callable[..., Any]] = None
+    data_hook: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +151,11 @@ def _load_recipes() -> None:
             importlib.import_module(f"kdjax.methods.{info.name}")
 
 
-def known_methods() -> dict[str, str]:
+def known_methods(shipped_only: bool = False) -> dict[str, str]:
+    """Registered recipe names -> one-line descriptions (`shipped_only`: those defined inside kdjax)."""
     _load_recipes()
-    return {k: v[1] for k, v in sorted(_REGISTRY.items())}
+    return {k: v[1] for k, v in sorted(_REGISTRY.items())
+            if not shipped_only or v[0].__module__.startswith("kdjax.")}
 
 
 def get_method(name: str, **args: Any) -> Method:

@@ -29,6 +29,8 @@ import dataclasses
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 LAYER_KINDS = ("attention_scores", "attention_probs", "query", "key", "value", "attention_context",
@@ -189,6 +191,22 @@ class Intermediates:
         if layer not in index:
             raise TapError(f"tap {kind!r} holds layers {list(index)}, not layer {layer}")
         return value[index.index(layer)]
+
+    def take(self, kind: str, layers: jax.Array) -> jax.Array:
+        """The taps of `kind` at traced model layer indices `layers` (a scalar or a vector).
+
+        For methods that pick layers per step: the recorded layers must include every index that can be
+        drawn (an index outside them reads the nearest recorded position's garbage, so the caller's tap
+        request must cover the range; `kdjax.knowledge.registry.all_layers` requests every layer).
+        """
+        value = getattr(self, kind)
+        if value is None:
+            raise TapError(f"tap {kind!r} was not requested; add it to the method's taps")
+        index = self.layer_index(kind)
+        table = np.zeros(max(index) + 1, np.int32)
+        for position, layer in enumerate(index):
+            table[layer] = position
+        return value[jnp.asarray(table)[layers]]
 
     def requested(self) -> tuple[str, ...]:
         return tuple(k for k in TAP_KINDS if getattr(self, k) is not None)

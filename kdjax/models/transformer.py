@@ -11,7 +11,7 @@ taps is, op for op, the plain forward pass.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from kdjax.models import activations
 from kdjax.models.config import ModelConfig
 from kdjax.models.taps import LAYER_KINDS, TAP_TYPES, Intermediates, TapSpec
 
@@ -251,6 +252,44 @@ class Embeddings(nnx.Module):
         return h
 
 
+class ForwardHooks:
+    """Rewrites of the residual stream inside one forward pass (interventions), all traced in the step.
+
+    embeddings(h) -> h: after the embedding layer (and its dropout), e.g. an adversarial perturbation.
+    block(layer, h_in, h_out, ctx) -> h_out: after each layer; `layer` is the layer index (traced under
+      scan), `h_in` the layer's input, `ctx` a `BlockContext` (the attention bias and RoPE tables of this
+      pass, so a hook can run another model's block on `h_in`: `apply_block`). Examples: overwrite
+      positions with another pass's states (interchange intervention), or replace a student block by
+      teacher blocks (module replacement).
+    A forward without hooks is the plain forward, op for op.
+    """
+
+    def __init__(self, embeddings: Optional[Callable] = None, block: Optional[Callable] = None):
+        self.embeddings = embeddings
+        self.block = block
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockContext:
+    """What a block needs besides its input: the additive attention bias and the RoPE tables (or None)."""
+
+    bias_bqk: Array
+    rope: Any
+
+
+def apply_block(graphdef, params, layer, h: Array, ctx: BlockContext) -> Array:
+    """Layer `layer` (an int or a traced index) of the model `(graphdef, params)` applied to `h`.
+
+    The model must have the same width as `h`; its own attention heads and RoPE base are used with the
+    caller's attention bias and RoPE tables (same positions).
+    """
+    model = nnx.merge(graphdef, params)
+    layers_graphdef, state = nnx.split(model.layers)
+    layer_state = jax.tree.map(lambda x: x[layer], state)
+    out, _ = nnx.merge(layers_graphdef, layer_state)(h, ctx.bias_bqk, ctx.rope, frozenset(), None)
+    return out
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ModelOutputs:
@@ -345,7 +384,8 @@ class Transformer(nnx.Module):
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
                               token_type_ids: Optional[Array] = None, position_ids: Optional[Array] = None,
-                              taps: Any = None, dropout_key: Optional[Array] = None) -> ModelOutputs:
+                              taps: Any = None, dropout_key: Optional[Array] = None,
+                              hooks: Optional[ForwardHooks] = None) -> ModelOutputs:
         c = self.config
         if not (c.dropout or c.attention_dropout):
             dropout_key = None
@@ -360,6 +400,9 @@ class Transformer(nnx.Module):
             embed_key, layers_key = jax.random.split(dropout_key)
             h = dropout(h, c.dropout, embed_key)
             layer_keys = jax.random.split(layers_key, c.num_layers)
+        if hooks is not None and hooks.embeddings is not None:
+            h = hooks.embeddings(h)
+        h = activations.constrain(h)
         if "embeddings" in resolved:
             self.sow(TAP_TYPES["embeddings"], "embeddings", h)
         rope = rope_tables(positions, c.dim_per_head, c.rope_theta, c.rope_scaling) if c.position_embedding == "rope" else None
@@ -367,7 +410,9 @@ class Transformer(nnx.Module):
 
         layer_kinds = frozenset(k for k in resolved if k in LAYER_KINDS)
         want_hidden = "hidden_states" in resolved
-        h_last, stacked = self._run_layers(h, allowed, rope, layer_kinds, want_hidden, resolved, layer_keys)
+        block_hook = None if hooks is None or hooks.block is None else (hooks.block, BlockContext(allowed, rope))
+        h_last, stacked = self._run_layers(h, allowed, rope, layer_kinds, want_hidden, resolved, layer_keys,
+                                           block_hook)
         if self.final_norm is not None:
             h_last = self.final_norm(h_last)
 
@@ -405,14 +450,20 @@ class Transformer(nnx.Module):
             self.sow(TAP_TYPES["logits"], "logits", out.logits)
         return out
 
-    def _run_layers(self, h, allowed, rope, layer_kinds, want_hidden, resolved, layer_keys=None):
+    def _run_layers(self, h, allowed, rope, layer_kinds, want_hidden, resolved, layer_keys=None, block_hook=None):
         c = self.config
         graphdef, state = nnx.split(self.layers)
 
         def body(carry, xs):
-            layer_state, key = xs
+            if block_hook is None:
+                layer_state, key = xs
+            else:
+                layer_state, key, index = xs
             layer = nnx.merge(graphdef, layer_state)
             new_h, taps = layer(carry, allowed, rope, layer_kinds, key)
+            if block_hook is not None:
+                new_h = block_hook[0](index, carry, new_h, block_hook[1])
+            new_h = activations.constrain(new_h)
             if want_hidden:
                 taps["_all_hidden"] = new_h
             return new_h, taps
@@ -421,7 +472,8 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
 
         if c.scan_layers:
-            h, stacked = jax.lax.scan(body, h, (state, layer_keys))
+            xs = (state, layer_keys) if block_hook is None else (state, layer_keys, jnp.arange(c.num_layers))
+            h, stacked = jax.lax.scan(body, h, xs)
             stacked = dict(stacked)
             if want_hidden:
                 stacked["hidden_states"] = None
@@ -432,7 +484,8 @@ class Transformer(nnx.Module):
         hidden = [h]
         for i in range(c.num_layers):
             layer_state = jax.tree.map(lambda x: x[i], state)
-            h, taps = body(h, (layer_state, None if layer_keys is None else layer_keys[i]))
+            xs = (layer_state, None if layer_keys is None else layer_keys[i])
+            h, taps = body(h, xs if block_hook is None else xs + (i,))
             for kind in layer_kinds:
                 if i in resolved[kind]:
                     collected[kind].append(taps[kind])
@@ -460,17 +513,21 @@ def split(model: Transformer):
     return graphdef, params
 
 
-def forward(graphdef, params, batch: Mapping[str, Array], taps: Any = None, dropout_key: Optional[Array] = None):
+def forward(graphdef, params, batch: Mapping[str, Array], taps: Any = None, dropout_key: Optional[Array] = None,
+            hooks: Optional[ForwardHooks] = None):
     """`(outputs, intermediates)` of one forward pass; a pure function of its arguments.
 
     `batch` holds `input_ids` and optionally `attention_mask`, `token_type_ids`, `position_ids`.
     `taps` is anything `TapSpec.of` accepts; it must be static under jit (it is hashable).
     `dropout_key` turns on the config's dropout (training); without it the pass is deterministic.
+    `hooks` (`ForwardHooks`) rewrite the residual stream after the embeddings and after each layer.
     """
     spec = TapSpec.of(taps)
     model = nnx.merge(graphdef, params)
     kwargs = dict(attention_mask=batch.get("attention_mask"), token_type_ids=batch.get("token_type_ids"),
                                 position_ids=batch.get("position_ids"), dropout_key=dropout_key)
+    if hooks is not None:
+        kwargs["hooks"] = hooks
     if not spec:
         return model(batch["input_ids"], **kwargs), Intermediates()
     outputs, *captured = nnx.capture(model, *TAP_TYPES.values())(batch["input_ids"], taps=spec, **kwargs)
