@@ -82,7 +82,7 @@ def decay_mask(trainable):
     def leaf(path, x):
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
         stacked = len(keys) > 1 and keys[0] == "student" and keys[1] == "layers"
-        return x.ndim > 1  # GOLDEN-CHECK
+        return x.ndim > (2 if stacked else 1)
     return jax.tree_util.tree_map_with_path(leaf, trainable)
 
 
