@@ -130,6 +130,19 @@ def apply_rope(x_bshd: Array, cos: Array, sin: Array) -> Array:
     return out.astype(x_bshd.dtype)
 
 
+def head_projection(x: Array, weight: Array, dtype=None, vocab_major: bool = False) -> Array:
+    """Vocabulary logits ``x @ W`` (``x @ W.T`` for a ``[V, D]`` ``weight``) with float32 accumulation and output.
+
+    Inputs are cast to ``dtype`` (the compute dtype, as ``nnx.Linear(dtype=...)`` does; ``None``
+    promotes the two), so bf16 weights are read as bf16, but the products are summed and returned in
+    float32.
+    """
+    dtype = dtype if dtype is not None else jnp.result_type(x.dtype, weight.dtype)
+    x, weight = x.astype(dtype), weight.astype(dtype)
+    contract = ((x.ndim - 1,), (1 if vocab_major else 0,))
+    return jax.lax.dot_general(x, weight, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
 def dropout(x: Array, rate: float, key: Optional[Array]) -> Array:
     """Inverted dropout: zero each element with probability `rate`, scale the rest by 1 / (1 - rate).
 
@@ -335,10 +348,12 @@ class Transformer(nnx.Module):
         c = self.config
         if c.head == "mlm":
             h = self.mlm_features(h)
+        # The projection accumulates and returns float32 (like the attention scores): a bf16 result would
+        # round every logit to 8 mantissa bits before any softmax, sampler or divergence reads it.
         if self.decoder is not None:
-            logits = self.decoder(h)
+            logits = head_projection(h, self.decoder.kernel[...], self.decoder.dtype)
         else:
-            logits = self.embed.word.attend(h)
+            logits = head_projection(h, self.embed.word.embedding[...], self.embed.word.dtype, vocab_major=True)
         if c.head == "mlm":
             logits = logits + self.mlm_bias[...].astype(logits.dtype)
         return logits
@@ -487,3 +502,4 @@ def forward(graphdef, params, batch: Mapping[str, Array], taps: Any = None, drop
 
 def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
     return Transformer(config, rngs=nnx.Rngs(seed))
+
