@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kdjax import sharding
 from kdjax.models.config import ModelConfig
-from kdjax.models.transformer import KVCache, extend_cache, init_cache
+from kdjax.models.transformer import KVCache, extend_cache, prefill_cache
 
 Array = jax.Array
 
@@ -113,8 +114,6 @@ def choose_tokens(logits: Array, key: Array, *, temperature: float, top_k: Optio
 
 
 def _constrain_cache(cache: KVCache, mesh, rules) -> KVCache:
-    from kdjax import sharding
-
     def c(x, names):
         return sharding.constrain(x, names, rules, mesh)
 
@@ -160,10 +159,9 @@ def generate_fn(graphdef, params, input_ids: Array, attention_mask: Optional[Arr
     def next_logits(hidden_bd):
         return nnx.merge(graphdef, params).lm_logits(hidden_bd)
 
-    cache = init_cache(config, batch, prompt_len + max_new_tokens)
+    hidden, cache = prefill_cache(graphdef, params, ids, mask, prompt_len + max_new_tokens)
     if mesh is not None and rules is not None:
         cache = _constrain_cache(cache, mesh, rules)
-    hidden, cache = extend_cache(graphdef, params, cache, ids, mask)
     last = jnp.take_along_axis(hidden, jnp.maximum(prompt_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     token, logprob = choose(next_logits(last), jax.random.fold_in(key, 0))
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
@@ -231,8 +229,6 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, temp
     eos = eos_token_id if eos_token_id is None or isinstance(eos_token_id, numbers.Integral) else tuple(eos_token_id)
     params = model.params
     if mesh is not None:
-        from kdjax import sharding
-
         rules = tuple(sharding.normalize_rules(rules if rules is not None else sharding.DEFAULT_TEACHER_RULES).items())
         params = jax.device_put(params, sharding.param_shardings(params, mesh, rules))
         placed = sharding.shard_batch({"input_ids": ids, "attention_mask": mask}, sharding.batch_sharding(mesh, rules))

@@ -22,7 +22,7 @@ from kdjax import sharding as S
 from kdjax.generate import GENERATE_MODEL_TYPES, generate_fn, sampling_logits
 from kdjax.hub.api import abstract_model, flat_params
 from kdjax.models.config import SUPPORTED_MODEL_TYPES, preset
-from kdjax.models.transformer import extend_cache, init_cache
+from kdjax.models.transformer import extend_cache, init_cache, prefill_cache
 from hf_fixtures import VOCAB, make_hf_model, save_hf_model
 
 NEW = 8
@@ -155,9 +155,13 @@ def test_cached_logits_equal_full_forward(case, tmp_path):
     gd, params = model.graphdef, model.params
     head = jax.jit(lambda h: nnx.merge(gd, params).lm_logits(h))
     step = jax.jit(lambda c, x, v: extend_cache(gd, params, c, x, v))
-    cache = init_cache(model.config, len(LENGTHS), full.shape[1])
-    hidden, cache = step(cache, ids, mask)
+    hidden, cache = jax.jit(lambda x, v: prefill_cache(gd, params, x, v, full.shape[1]))(ids, mask)
     np.testing.assert_array_equal(cache.length, lengths)
+    # The prefill equals the general step on an empty cache.
+    hidden_ext, cache_ext = step(init_cache(model.config, len(LENGTHS), full.shape[1]), ids, mask)
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(hidden_ext[b, :n], hidden[b, :n], atol=1e-5)
+        np.testing.assert_allclose(cache_ext.key[:, b, :n], cache.key[:, b, :n], atol=1e-5)
     got = np.asarray(head(hidden))
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(got[b, :n], want[b, :n], atol=1e-4, err_msg=f"prefill row {b}")
@@ -222,11 +226,9 @@ def test_mesh_generation_equals_one_device(llama):
     params = jax.device_put(model.params, S.param_shardings(model.params, mesh, rules))
     q = flat_params(params)["layers/attn/q/kernel"]
     assert tuple(q.sharding.spec) == (None, "fsdp", "tensor")
-    batch = S.shard_batch({"ids": ids, "mask": mask}, S.batch_sharding(mesh, rules))
-    run = jax.jit(lambda p, i, m, k: generate_fn(model.graphdef, p, i, m, k, max_new_tokens=NEW, temperature=0.0,
-                                                 mesh=mesh, rules=rules))
-    out = run(params, batch["ids"], batch["mask"], jax.random.key(0))
-    assert len(out.tokens.sharding.device_set) == 8
+    sharded = kdjax.Model(model.config, model.graphdef, params)
+    out = kdjax.generate(sharded, ids, mask, max_new_tokens=NEW, temperature=0, mesh=mesh, rules=rules)
+    assert len(out.tokens.sharding.device_set) == 8 and out.tokens.sharding.spec[0] is not None  # rows split
     np.testing.assert_array_equal(np.asarray(out.tokens), single.tokens)
     np.testing.assert_allclose(np.asarray(out.logprobs), single.logprobs, atol=1e-5)
 

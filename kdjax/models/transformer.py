@@ -575,22 +575,12 @@ def _cached_attention(attn: Attention, x: Array, positions_bq: Array, valid_bq: 
     return out, k, v
 
 
-def extend_cache(graphdef, params, cache: KVCache, input_ids: Array, valid: Optional[Array] = None
-                 ) -> tuple[Array, KVCache]:
-    """Run Q new tokens per row through a causal model on top of its cache; a pure function.
-
-    `input_ids` [B, Q] are placed at positions `cache.length + 0..Q-1` of each row; `valid` [B, Q]
-    (right-padded, default all true) marks real tokens, and each row's length grows by its count.
-    A prompt is one call on an empty cache (the prefill), each new token one call with Q = 1.
-    Returns the final hidden states [B, Q, D] (after the final norm, the input of `lm_logits`) and
-    the updated cache. `cache.max_length` must hold every position written.
-    """
-    model = nnx.merge(graphdef, params)
+def _extend_layers(model: Transformer, cache: KVCache, input_ids: Array, valid: Array) -> tuple[Array, Array, Array]:
+    """Final hidden states [B, Q, D] of Q new tokens over `cache`, and their keys and values [L, B, Q, K, d]."""
     c = model.config
     if not c.causal or not c.pre_norm:
         raise ValueError(f"extend_cache needs a causal pre-norm decoder, got model_type={c.model_type!r}")
-    b, q_len = input_ids.shape
-    valid = jnp.ones((b, q_len), bool) if valid is None else valid.astype(bool)
+    q_len = input_ids.shape[1]
     positions = cache.length[:, None] + jnp.arange(q_len, dtype=jnp.int32)[None, :]
     h = model.embed(input_ids, positions, None)
     rope = (rope_tables(positions, c.dim_per_head, c.rope_theta, c.rope_scaling)
@@ -609,6 +599,23 @@ def extend_cache(graphdef, params, cache: KVCache, input_ids: Array, valid: Opti
     h, (new_k, new_v) = jax.lax.scan(body, h, (layers_state, cache.key, cache.value))
     if model.final_norm is not None:
         h = model.final_norm(h)
+    return h, new_k, new_v
+
+
+def extend_cache(graphdef, params, cache: KVCache, input_ids: Array, valid: Optional[Array] = None
+                 ) -> tuple[Array, KVCache]:
+    """Run Q new tokens per row through a causal model on top of its cache; a pure function.
+
+    `input_ids` [B, Q] are placed at positions `cache.length + 0..Q-1` of each row; `valid` [B, Q]
+    (right-padded, default all true) marks real tokens, and each row's length grows by its count.
+    Each new token is one call with Q = 1 (a prompt is `prefill_cache`, or this on an empty cache).
+    Returns the final hidden states [B, Q, D] (after the final norm, the input of `lm_logits`) and
+    the updated cache. `cache.max_length` must hold every position written.
+    """
+    model = nnx.merge(graphdef, params)
+    b, q_len = input_ids.shape
+    valid = jnp.ones((b, q_len), bool) if valid is None else valid.astype(bool)
+    h, new_k, new_v = _extend_layers(model, cache, input_ids, valid)
 
     def write(buf_ltkd, new_lqkd, start):
         return jax.lax.dynamic_update_slice(buf_ltkd, new_lqkd.astype(buf_ltkd.dtype), (0, start, 0, 0))
@@ -617,3 +624,21 @@ def extend_cache(graphdef, params, cache: KVCache, input_ids: Array, valid: Opti
     new_cache = KVCache(write_rows(cache.key, new_k, cache.length), write_rows(cache.value, new_v, cache.length),
                         cache.length + jnp.sum(valid, axis=1, dtype=jnp.int32))
     return h, new_cache
+
+
+def prefill_cache(graphdef, params, input_ids: Array, valid: Optional[Array], max_length: int
+                  ) -> tuple[Array, KVCache]:
+    """`extend_cache` of right-padded prompts [B, S] on an empty cache of `max_length` slots.
+
+    The same computation, but the (empty) cache is not attended to at all: the prompts' keys and
+    values are computed over a zero-width cache and padded out to `max_length` slots.
+    """
+    model = nnx.merge(graphdef, params)
+    c = model.config
+    b, s = input_ids.shape
+    valid = jnp.ones((b, s), bool) if valid is None else valid.astype(bool)
+    h, new_k, new_v = _extend_layers(model, init_cache(c, b, 0), input_ids, valid)
+    pad = ((0, 0), (0, 0), (0, max_length - s), (0, 0), (0, 0))
+    cache = KVCache(jnp.pad(new_k.astype(c.compute_dtype), pad), jnp.pad(new_v.astype(c.compute_dtype), pad),
+                    jnp.sum(valid, axis=1, dtype=jnp.int32))
+    return h, cache
