@@ -58,6 +58,7 @@ from kdjax.knowledge.divergences import (
     _check_temperature,
     per_token_divergence,
 )
+from kdjax.models.transformer import head_projection
 
 Array = jax.Array
 Head = Callable[[Array], Array]
@@ -102,9 +103,9 @@ class LinearHead:
 
     def project(self, x: Array, weight: Array, bias: Optional[Array]) -> Array:
         """``x @ W + b`` for explicit ``(W, b)`` (the backward pass differentiates this by hand)."""
-        dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, weight.dtype)
-        x, weight = x.astype(dtype), weight.astype(dtype)
-        logits = jnp.dot(x, weight.T) if self.vocab_major else jnp.dot(x, weight)
+        # Accumulated and returned in float32 whatever `dtype`: bf16 logits would lose ~3 significant
+        # bits against float32 before the divergence sees them.
+        logits = head_projection(x, weight, self.dtype, vocab_major=self.vocab_major)
         if bias is not None:
             logits = logits + bias.astype(logits.dtype)
         return logits

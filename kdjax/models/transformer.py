@@ -131,6 +131,19 @@ def apply_rope(x_bshd: Array, cos: Array, sin: Array) -> Array:
     return out.astype(x_bshd.dtype)
 
 
+def head_projection(x: Array, weight: Array, dtype=None, vocab_major: bool = False) -> Array:
+    """Vocabulary logits ``x @ W`` (``x @ W.T`` for a ``[V, D]`` ``weight``) with float32 accumulation and output.
+
+    Inputs are cast to ``dtype`` (the compute dtype, as ``nnx.Linear(dtype=...)`` does; ``None``
+    promotes the two), so bf16 weights are read as bf16, but the products are summed and returned in
+    float32.
+    """
+    dtype = dtype if dtype is not None else jnp.result_type(x.dtype, weight.dtype)
+    x, weight = x.astype(dtype), weight.astype(dtype)
+    contract = ((x.ndim - 1,), (1 if vocab_major else 0,))
+    return jax.lax.dot_general(x, weight, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
 def dropout(x: Array, rate: float, key: Optional[Array]) -> Array:
     """Inverted dropout: zero each element with probability `rate`, scale the rest by 1 / (1 - rate).
 
@@ -374,10 +387,12 @@ class Transformer(nnx.Module):
         c = self.config
         if c.head == "mlm":
             h = self.mlm_features(h)
+        # The projection accumulates and returns float32 (like the attention scores): a bf16 result would
+        # round every logit to 8 mantissa bits before any softmax, sampler or divergence reads it.
         if self.decoder is not None:
-            logits = self.decoder(h)
+            logits = head_projection(h, self.decoder.kernel[...], self.decoder.dtype)
         else:
-            logits = self.embed.word.attend(h)
+            logits = head_projection(h, self.embed.word.embedding[...], self.embed.word.dtype, vocab_major=True)
         if c.head == "mlm":
             logits = logits + self.mlm_bias[...].astype(logits.dtype)
         return logits
@@ -544,3 +559,143 @@ def forward(graphdef, params, batch: Mapping[str, Array], taps: Any = None, drop
 
 def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
     return Transformer(config, rngs=nnx.Rngs(seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# Incremental decoding with a key/value cache (the engine under `kdjax.generate`).
+#
+# The cache keeps one slot per position: slot j of a row holds the key and value of that row's token
+# at position j. Prompts are right-padded, so a row's prompt fills slots 0..n-1 and its t-th new
+# token lands in slot n+t; the slot index *is* the position, for every row. A row's `length` says how
+# many leading slots hold its tokens; slots past it (prompt padding, not yet generated positions) are
+# never attended to and are overwritten as the row grows.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer keys and values by position, and how many positions of each row are filled."""
+
+    key: Array  # [L, B, T, K, d] (K = kv heads), RoPE already applied, compute dtype
+    value: Array  # [L, B, T, K, d]
+    length: Array  # [B] int32: slots [0, length) are this row's tokens
+
+    @property
+    def max_length(self) -> int:
+        return int(self.key.shape[2])
+
+
+def init_cache(config: ModelConfig, batch: int, max_length: int) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_length` positions (prompt plus new tokens)."""
+    c = config
+    shape = (c.num_layers, batch, max_length, c.kv_heads, c.dim_per_head)
+    return KVCache(jnp.zeros(shape, c.compute_dtype), jnp.zeros(shape, c.compute_dtype), jnp.zeros((batch,), jnp.int32))
+
+
+def _cached_attention(attn: Attention, x: Array, positions_bq: Array, valid_bq: Array, key_btkd: Array,
+                      value_btkd: Array, length_b: Array, rope) -> tuple[Array, Array, Array]:
+    """Attention of Q new tokens over the cached positions of their row and over each other.
+
+    Returns the attention output and the new tokens' keys and values (to be written to the cache).
+    Scores against the cache and against the new chunk are formed separately and share one softmax,
+    so the cache is only read here. Query heads are grouped by the kv head they share (GQA) instead
+    of repeating the cached keys.
+    """
+    c = attn.config
+    b, q_len, _ = x.shape
+    h, kv, hd = c.num_heads, c.kv_heads, c.dim_per_head
+    q = attn.q(x).reshape(b, q_len, h, hd)
+    k = attn.k(x).reshape(b, q_len, kv, hd)
+    v = attn.v(x).reshape(b, q_len, kv, hd)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    q = q.reshape(b, q_len, kv, h // kv, hd)
+    scale = 1.0 / float(hd) ** 0.5
+    s_cache = jnp.einsum("bqgrd,btgd->bgrqt", q, key_btkd, preferred_element_type=jnp.float32) * scale
+    s_new = jnp.einsum("bqgrd,bsgd->bgrqs", q, k, preferred_element_type=jnp.float32) * scale
+
+    slot = jnp.arange(key_btkd.shape[1])
+    allow_cache = slot[None, None, :] < length_b[:, None, None]  # [B, 1, T]
+    idx = jnp.arange(q_len)
+    allow_new = valid_bq[:, None, :].astype(bool) & (idx[None, :] <= idx[:, None])[None]  # [B, Q, Q]
+    if c.sliding_window:
+        allow_cache = allow_cache & (positions_bq[:, :, None] - slot[None, None, :] < c.sliding_window)
+        allow_new = allow_new & ((idx[:, None] - idx[None, :]) < c.sliding_window)[None]
+    s_cache = jnp.where(allow_cache[:, None, None], s_cache, NEG_INF)
+    s_new = jnp.where(allow_new[:, None, None], s_new, NEG_INF)
+    probs = jax.nn.softmax(jnp.concatenate([s_cache, s_new], axis=-1), axis=-1)
+    p_cache, p_new = probs[..., :key_btkd.shape[1]], probs[..., key_btkd.shape[1]:]
+    ctx = (jnp.einsum("bgrqt,btgd->bqgrd", p_cache.astype(value_btkd.dtype), value_btkd,
+                      preferred_element_type=jnp.float32)
+           + jnp.einsum("bgrqs,bsgd->bqgrd", p_new.astype(v.dtype), v, preferred_element_type=jnp.float32))
+    out = attn.o(ctx.astype(v.dtype).reshape(b, q_len, h * hd))
+    return out, k, v
+
+
+def _extend_layers(model: Transformer, cache: KVCache, input_ids: Array, valid: Array) -> tuple[Array, Array, Array]:
+    """Final hidden states [B, Q, D] of Q new tokens over `cache`, and their keys and values [L, B, Q, K, d]."""
+    c = model.config
+    if not c.causal or not c.pre_norm:
+        raise ValueError(f"extend_cache needs a causal pre-norm decoder, got model_type={c.model_type!r}")
+    q_len = input_ids.shape[1]
+    positions = cache.length[:, None] + jnp.arange(q_len, dtype=jnp.int32)[None, :]
+    h = model.embed(input_ids, positions, None)
+    rope = (rope_tables(positions, c.dim_per_head, c.rope_theta, c.rope_scaling)
+            if c.position_embedding == "rope" else None)
+    layers_def, layers_state = nnx.split(model.layers)
+
+    def body(h, xs):
+        layer_state, key_btkd, value_btkd = xs
+        block = nnx.merge(layers_def, layer_state)
+        a, k, v = _cached_attention(block.attn, block.attn_norm(h), positions, valid, key_btkd, value_btkd,
+                                    cache.length, rope)
+        h = h + a
+        h = h + block.mlp(block.mlp_norm(h))
+        return h, (k, v)
+
+    h, (new_k, new_v) = jax.lax.scan(body, h, (layers_state, cache.key, cache.value))
+    if model.final_norm is not None:
+        h = model.final_norm(h)
+    return h, new_k, new_v
+
+
+def extend_cache(graphdef, params, cache: KVCache, input_ids: Array, valid: Optional[Array] = None
+                 ) -> tuple[Array, KVCache]:
+    """Run Q new tokens per row through a causal model on top of its cache; a pure function.
+
+    `input_ids` [B, Q] are placed at positions `cache.length + 0..Q-1` of each row; `valid` [B, Q]
+    (right-padded, default all true) marks real tokens, and each row's length grows by its count.
+    Each new token is one call with Q = 1 (a prompt is `prefill_cache`, or this on an empty cache).
+    Returns the final hidden states [B, Q, D] (after the final norm, the input of `lm_logits`) and
+    the updated cache. `cache.max_length` must hold every position written.
+    """
+    model = nnx.merge(graphdef, params)
+    b, q_len = input_ids.shape
+    valid = jnp.ones((b, q_len), bool) if valid is None else valid.astype(bool)
+    h, new_k, new_v = _extend_layers(model, cache, input_ids, valid)
+
+    def write(buf_ltkd, new_lqkd, start):
+        return jax.lax.dynamic_update_slice(buf_ltkd, new_lqkd.astype(buf_ltkd.dtype), (0, start, 0, 0))
+
+    write_rows = jax.vmap(write, in_axes=(1, 1, 0), out_axes=1)
+    new_cache = KVCache(write_rows(cache.key, new_k, cache.length), write_rows(cache.value, new_v, cache.length),
+                        cache.length + jnp.sum(valid, axis=1, dtype=jnp.int32))
+    return h, new_cache
+
+
+def prefill_cache(graphdef, params, input_ids: Array, valid: Optional[Array], max_length: int
+                  ) -> tuple[Array, KVCache]:
+    """`extend_cache` of right-padded prompts [B, S] on an empty cache of `max_length` slots.
+
+    The same computation, but the (empty) cache is not attended to at all: the prompts' keys and
+    values are computed over a zero-width cache and padded out to `max_length` slots.
+    """
+    model = nnx.merge(graphdef, params)
+    c = model.config
+    b, s = input_ids.shape
+    valid = jnp.ones((b, s), bool) if valid is None else valid.astype(bool)
+    h, new_k, new_v = _extend_layers(model, init_cache(c, b, 0), input_ids, valid)
+    pad = ((0, 0), (0, 0), (0, max_length - s), (0, 0), (0, 0))
+    cache = KVCache(jnp.pad(new_k.astype(c.compute_dtype), pad), jnp.pad(new_v.astype(c.compute_dtype), pad),
+                    jnp.sum(valid, axis=1, dtype=jnp.int32))
+    return h, cache
