@@ -355,15 +355,57 @@ def _dot_flops(instr: _Instr, local: Mapping[str, _Instr]) -> float:
         contract = math.prod(dims[int(d)] for d in m.group(1).split(",") if d)
         return 2.0 * out_elems * contract
     if instr.opcode == "convolution" and len(instr.operands) > 1:
-        rhs = local.get(instr.operands[1])
-        labels = re.search(r"dim_labels=[^_]*_([^-]*)->", instr.attrs)
-        if rhs is None or not labels or not _arrays(rhs.shape):
-            return 0.0
-        kernel = _arrays(rhs.shape)[0][1]
-        o = labels.group(1).find("o")
-        per_output = math.prod(kernel) / (kernel[o] if 0 <= o < len(kernel) else 1)
-        return 2.0 * out_elems * per_output
+        return _conv_flops(instr, local, out[0][1])
     return 0.0
+
+
+def _window(attrs: str, key: str, count: int, default: Any) -> list:
+    m = re.search(rf"\b{key}=([0-9_x\-]+)", attrs)
+    if not m:
+        return [default] * count
+    parts = m.group(1).split("x")
+    if key == "pad":
+        return [tuple(int(v) for v in p.split("_")) for p in parts]
+    return [int(p) for p in parts]
+
+
+def _conv_flops(instr: _Instr, local: Mapping[str, _Instr], out_dims: tuple[int, ...]) -> float:
+    """FLOPs of a convolution: 2 x multiply-adds over the kernel taps that meet real input.
+
+    The TPU compiler writes batched matmuls (attention's QK^T and AV, per-layer weight gradients) as
+    convolutions whose batch dimensions are spatial dimensions with ``lhs_dilate`` = window size, so
+    every output meets exactly one of a window's taps; counting whole windows would overcount by the
+    batch size. Each spatial dimension's (output position, tap) pairs that land on an input element
+    (not on dilation holes or padding) are counted, as XLA's own cost analysis does.
+    """
+    lhs, rhs = local.get(instr.operands[0]), local.get(instr.operands[1])
+    labels = re.search(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)", instr.attrs)
+    if lhs is None or rhs is None or not labels or not _arrays(lhs.shape) or not _arrays(rhs.shape):
+        return 0.0
+    lhs_l, rhs_l, out_l = labels.groups()
+    lhs_dims, rhs_dims = _arrays(lhs.shape)[0][1], _arrays(rhs.shape)[0][1]
+    if len(lhs_dims) != len(lhs_l) or len(rhs_dims) != len(rhs_l) or len(out_dims) != len(out_l):
+        return 0.0
+    spatial = [c for c in out_l if c.isdigit()]
+    n = len(spatial)
+    strides = _window(instr.attrs, "stride", n, 1)
+    pads = _window(instr.attrs, "pad", n, (0, 0))
+    lhs_dilate = _window(instr.attrs, "lhs_dilate", n, 1)
+    rhs_dilate = _window(instr.attrs, "rhs_dilate", n, 1)
+    taps, out_spatial = 1, 1
+    for k, c in enumerate(sorted(spatial, key=int)):
+        size_in, size_w, size_out = lhs_dims[lhs_l.index(c)], rhs_dims[rhs_l.index(c)], out_dims[out_l.index(c)]
+        dl, dr, stride, low = lhs_dilate[k], rhs_dilate[k], strides[k], pads[k][0]
+        extent = (size_in - 1) * dl + 1
+        if size_out * size_w > 1_000_000:  # a real image convolution: whole windows, no holes
+            pairs = size_out * size_w
+        else:
+            pairs = sum(1 for o in range(size_out) for w in range(size_w)
+                        if 0 <= o * stride + w * dr - low < extent and (o * stride + w * dr - low) % dl == 0)
+        taps *= pairs
+        out_spatial *= size_out
+    kernel_in = rhs_dims[rhs_l.index("i")]
+    return 2.0 * math.prod(out_dims) / max(out_spatial, 1) * taps * kernel_in
 
 
 def _fused_param_bytes(module: _Module, fused: str, index: int, full: float) -> float:

@@ -2,6 +2,7 @@
 the loop correction, the chip table against docs/roofline.md, and the estimate in a plan."""
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -185,6 +186,64 @@ def test_trip_count_from_the_loop_condition_scales_body_costs_and_collectives():
     # Mesh groups over 'axis_1' of size 4, outside the loop.
     assert (mesh_gather.group_size, mesh_gather.executions, mesh_gather.bytes_sent) == (4, 1, 3 / 4 * 4 * 4096)
     assert cost.comm_bytes == 12 * 12288 + 12 * 4096 + 12288
+
+
+# TPU-style matmuls: a plain one as a 1x1 convolution and a batched one whose batch is a spatial
+# dimension with lhs_dilate = window size (each output meets one real input per window), in a loop the
+# CPU compiler's way (known_trip_count).
+CONV_HLO = """HloModule jit_convs, num_partitions=1
+
+%body (p: (s32[], f32[4,16,64], f32[4,64,32])) -> (s32[], f32[4,16,64], f32[4,64,32]) {
+  %p = (s32[], f32[4,16,64]{2,1,0}, f32[4,64,32]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %a = f32[4,16,64]{2,1,0} get-tuple-element(%p), index=1
+  %b = f32[4,64,32]{2,1,0} get-tuple-element(%p), index=2
+  %batched = f32[4,16,32]{2,1,0:T(8,128)} convolution(%a, %b), window={size=4 stride=3 lhs_dilate=4}, dim_labels=0bf_0io->0bf
+  %a0 = f32[16,64]{1,0} slice(%a), slice={[0:1], [0:16], [0:64]}
+  %b0 = f32[64,32]{1,0} slice(%b), slice={[0:1], [0:64], [0:32]}
+  %plain = f32[16,32]{1,0} convolution(%a0, %b0), window={size=1}, dim_labels=bf_io->bf
+  ROOT %t = (s32[], f32[4,16,64]{2,1,0}, f32[4,64,32]{2,1,0}) tuple(%i, %a, %b)
+}
+
+%cond (q: (s32[], f32[4,16,64], f32[4,64,32])) -> pred[] {
+  %q = (s32[], f32[4,16,64]{2,1,0}, f32[4,64,32]{2,1,0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a.1: f32[4,16,64], b.1: f32[4,64,32]) -> f32[4,16,64] {
+  %a.1 = f32[4,16,64]{2,1,0} parameter(0)
+  %b.1 = f32[4,64,32]{2,1,0} parameter(1)
+  %zero = s32[] constant(0)
+  %tuple = (s32[], f32[4,16,64]{2,1,0}, f32[4,64,32]{2,1,0}) tuple(%zero, %a.1, %b.1)
+  %while = (s32[], f32[4,16,64]{2,1,0}, f32[4,64,32]{2,1,0}) while(%tuple), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %out = f32[4,16,64]{2,1,0} get-tuple-element(%while), index=1
+}
+"""
+
+
+def test_tpu_style_convolutions_count_matmul_flops():
+    cost = R.analyze_text(CONV_HLO, 0.0, 0.0)
+    assert cost.loops == (("body", 3),)
+    # Two more executions of: 4 batches of [16, 64] @ [64, 32], and one [16, 64] @ [64, 32].
+    assert cost.flops == 2 * (4 * 2 * 16 * 64 * 32 + 2 * 16 * 64 * 32)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_tpu_compiled_scan_of_batched_matmuls_matches_the_hand_count():
+    """3 scanned steps of [8, 32, 64] @ [8, 64, 128] compiled for a v5e chip: 3 x 2 x 8 x 32 x 64 x 128."""
+    device = P.get_topology("v5e:2x2").devices[0]
+    one = NamedSharding(Mesh(np.array([device]), ("x",)), PartitionSpec())
+    a = jax.ShapeDtypeStruct((8, 32, 64), jnp.bfloat16, sharding=one)
+    w = jax.ShapeDtypeStruct((3, 8, 64, 128), jnp.bfloat16, sharding=one)
+
+    def steps(a, w):
+        return jax.lax.scan(lambda acc, wi: (acc + jnp.einsum("bmk,bkn->bmn", a, wi), None),
+                            jnp.zeros((8, 32, 128), jnp.float32), w)[0]
+
+    cost = R.analyze(jax.jit(steps, out_shardings=one).lower(a, w).compile())
+    by_hand = 3 * 2 * 8 * 32 * 64 * 128
+    assert [n for _, n in cost.loops] in ([3], [])  # the compiler may unroll so short a loop
+    assert by_hand <= cost.flops <= 1.05 * by_hand, cost.flops / by_hand
 
 
 def test_ring_model():
