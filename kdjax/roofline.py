@@ -25,9 +25,9 @@ Loops. XLA's `cost_analysis()` (CPU and TPU alike) counts a while loop's body on
 count: a scanned 80-layer teacher would be costed as one layer. `analyze` parses the optimized HLO
 (`compiled.as_text()`), finds every loop's trip count (``known_trip_count`` in the loop's backend
 config, else the bound its condition compares the induction variable with) and adds the missing
-``trip_count - 1`` executions of each body's matmul FLOPs and HBM traffic; collectives are counted
-per execution from the start. Element-wise FLOPs inside loop bodies stay counted once (they are a
-small share next to the matmuls). docs/roofline.md states the model and its limits.
+``trip_count - 1`` executions of each body's FLOPs (matmuls exactly, element-wise ops and reductions
+at one per element, as XLA counts them) and HBM traffic; collectives are counted per execution from
+the start. docs/roofline.md states the model and its limits.
 """
 
 from __future__ import annotations
@@ -341,6 +341,24 @@ class HloCost:
         return sum(1 for _, n in self.loops if n is None)
 
 
+# Element-wise opcodes XLA's cost analysis counts at one FLOP per result element (transcendentals such
+# as exp, log and tanh are counted apart by XLA, and here not at all).
+_ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "compare", "select", "negate",
+                "abs", "clamp", "power", "remainder", "and", "or", "xor", "not", "sign", "floor", "ceil",
+                "round-nearest-even", "atan2"}
+
+
+def _instr_flops(instr: _Instr, local: Mapping[str, _Instr]) -> float:
+    """FLOPs of one instruction: matmuls exactly, element-wise ops and reductions one per element."""
+    if instr.opcode in ("dot", "convolution"):
+        return _dot_flops(instr, local)
+    if instr.opcode in _ELEMENTWISE:
+        return float(sum(math.prod(d) for _, d in _arrays(instr.shape)))
+    if instr.opcode in ("reduce", "reduce-window") and instr.operands and instr.operands[0] in local:
+        return float(sum(math.prod(d) for _, d in _arrays(local[instr.operands[0]].shape)))
+    return 0.0
+
+
 def _dot_flops(instr: _Instr, local: Mapping[str, _Instr]) -> float:
     out = _arrays(instr.shape)
     if not out:
@@ -531,7 +549,7 @@ def analyze_text(text: str, xla_flops: float, xla_bytes: float) -> HloCost:
         extra = with_loops[name] - flat[name]
         local = {i.name: i for i in instrs}
         if extra:
-            extra_flops += extra * sum(_dot_flops(i, local) for i in instrs)
+            extra_flops += extra * sum(_instr_flops(i, local) for i in instrs)
             if name not in fused:
                 extra_bytes += extra * sum(_traffic(module, i, local) for i in instrs)
         for instr in instrs:

@@ -168,8 +168,9 @@ def test_trip_count_from_the_loop_condition_scales_body_costs_and_collectives():
     xla_flops, xla_bytes = 1.0e6, 2.0e6  # what XLA would report: the body once
     cost = R.analyze_text(LOOP_HLO, xla_flops, xla_bytes)
     assert cost.loops == (("body", 12),)
-    # The body's dot, [16, 64] @ [64, 64], 11 more times.
-    assert cost.flops == xla_flops + 11 * 2 * 16 * 64 * 64
+    # The body's dot, [16, 64] @ [64, 64], and its counter add, 11 more times; the condition's compare
+    # 12 more times (it runs 13 times).
+    assert cost.flops == xla_flops + 11 * (2 * 16 * 64 * 64 + 1) + 12 * 1
     # The body's HBM traffic, 11 more times: the fusion reads h (4096 B), one [64, 64] slice of the
     # weight stack (16384 B, not the whole 196,608-byte stack) and i (4), writes 4096; the all-gather
     # reads 4096 and writes 16384; the all-reduce 4096 + 4096; the counter add 4 + 4 + 4. The
