@@ -38,7 +38,7 @@ import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 __all__ = ["CHIPS", "Chip", "Collective", "HloCost", "ModelFlops", "Roofline", "analyze", "analyze_text",
-           "chip_for", "estimate", "format_estimate", "model_flops", "ring_bytes_sent"]
+           "chip_for", "estimate", "estimate_step", "format_estimate", "model_flops", "ring_bytes_sent"]
 
 GB = 1e9
 
