@@ -28,7 +28,9 @@ The report gives XLA's per-device argument / output / alias / temp / generated-c
 total ``argument + output - alias + temp + code`` (donated state outputs alias their inputs), the
 device memory and FITS / DOES NOT FIT; the CLI exits 0 when it fits, 1 when it does not, 2 on bad
 input. ``--search`` compiles every fsdp x tensor factorization of the device count with the remat
-policies ``none``, ``dots_no_batch`` and ``full`` and reports the smallest footprint that fits.
+policies ``none``, ``dots_no_batch`` and ``full`` and reports, among those that fit, the one with the
+fastest predicted step. Every plan also prints a roofline ESTIMATE of the step time, tokens/s and MFU
+from the compiled program and the chip's published peaks (`kdjax.roofline`, docs/roofline.md).
 
 Configs describe models by `ModelConfig` fields -- no checkpoint is read::
 
@@ -55,6 +57,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import ml_collections
 
+from kdjax import roofline as roofline_lib
 from kdjax import sharding as sharding_lib
 from kdjax.distill import run as run_lib
 from kdjax.distill.sharded import ShardedStep, sharded_step
@@ -403,6 +406,7 @@ class PlanResult:
     compile_seconds: float
     compiler_oom: Optional[str] = None
     oom_temp_bytes: Optional[int] = None
+    roofline: Optional[roofline_lib.Roofline] = None  # predicted step time (None after a compiler OOM)
 
     @property
     def total_bytes(self) -> Optional[int]:
@@ -461,9 +465,10 @@ def plan_step(config: Any, topology: Topology, *, mesh_config: Optional[sharding
     t0 = time.perf_counter()
     lowered = step.lower()
     t1 = time.perf_counter()
-    memory, oom = None, None
+    memory, oom, compiled = None, None, None
     try:
-        memory = MemoryUse.from_compiled(lowered.compile(compiler_options=compiler_options(topology) or None))
+        compiled = lowered.compile(compiler_options=compiler_options(topology) or None)
+        memory = MemoryUse.from_compiled(compiled)
     except Exception as e:  # noqa: BLE001 -- only a compile-time OOM is a plan outcome; the rest re-raise
         oom = _compiler_oom(e)
         if oom is None:
@@ -480,7 +485,9 @@ def plan_step(config: Any, topology: Topology, *, mesh_config: Optional[sharding
         state_bytes_per_device=_per_device_bytes(step.abstract_state),
         input_bytes_per_device=_per_device_bytes((step.abstract_state, teacher_abstract, step.abstract_batch)),
         memory=memory, device_memory=topology.device_memory_bytes, lower_seconds=t1 - t0, compile_seconds=t2 - t1,
-        compiler_oom=None if oom is None else oom[0], oom_temp_bytes=None if oom is None else oom[1])
+        compiler_oom=None if oom is None else oom[0], oom_temp_bytes=None if oom is None else oom[1],
+        roofline=None if compiled is None else roofline_lib.estimate_step(compiled, step, topology.spec.generation,
+                                                                          len(topology.devices)))
 
 
 def _count(n: int) -> str:
@@ -530,6 +537,8 @@ def format_result(r: PlanResult) -> str:
         f"device memory:   {_gib(r.device_memory)}  ({r.device_memory:,})",
         f"compile time:    {r.compile_seconds:.1f} s (lowering {r.lower_seconds:.1f} s)",
     ]
+    if r.roofline is not None:
+        lines += roofline_lib.format_estimate(r.roofline)
     share = "" if r.total_bytes is None else f" ({100.0 * r.total_bytes / r.device_memory:.1f}% of device memory)"
     lines.append(f"result:          {'FITS' if r.fits else 'DOES NOT FIT'}{share}")
     return "\n".join(lines)
@@ -551,7 +560,7 @@ def search_candidates(num_devices: int, axes: Sequence[str] = ("data", "fsdp", "
 
 def search(config: Any, topology: Topology, *, remats: Sequence[str] = REMAT_SEARCH,
            print_fn: Callable[[str], Any] = print) -> tuple[Optional[PlanResult], list]:
-    """Compile every candidate; ``(smallest fitting PlanResult or None, [(mesh, remat, result or error)])``."""
+    """Compile every candidate; ``(fastest predicted fitting PlanResult or None, [(mesh, remat, result or error)])``."""
     axes = tuple(_get(_get(config, "mesh"), "axes", ("data", "fsdp", "tensor")))
     rows = []
     for mesh_config, remat in search_candidates(len(topology.devices), axes, remats):
@@ -568,9 +577,12 @@ def search(config: Any, topology: Topology, *, remats: Sequence[str] = REMAT_SEA
         total = "       ?    " if result.total_bytes is None else f"{result.total_bytes / GIB:8.2f} GiB"
         if result.memory is None:
             total = ">" + total.lstrip()  # the compiler stopped at an out-of-memory
-        print_fn(f"  {label} {total:>12}  {verdict:<12} (compile {result.compile_seconds:.1f} s)")
+        step = "" if result.roofline is None else f"step {result.roofline.step_seconds * 1e3:9.1f} ms (estimate)  "
+        print_fn(f"  {label} {total:>12}  {verdict:<12} {step}(compile {result.compile_seconds:.1f} s)")
     fitting = [r for _, _, r in rows if isinstance(r, PlanResult) and r.fits]
-    best = min(fitting, key=lambda r: r.memory.total) if fitting else None
+    # Fastest predicted step among those that fit; the smaller footprint breaks ties.
+    best = min(fitting, key=lambda r: (r.roofline.step_seconds if r.roofline else math.inf, r.memory.total)) \
+        if fitting else None
     return best, rows
 
 
@@ -588,7 +600,7 @@ def plan(config: Any, topology: str, *, device_memory_gb: Optional[float] = None
     if best is None:
         print_fn(f"result:          DOES NOT FIT (no candidate fits in {topo.device_memory_bytes / GIB:.2f} GiB)")
         return 1
-    print_fn("smallest footprint that fits:")
+    print_fn("fastest predicted step that fits:")
     print_fn(format_result(best))
     return 0
 
@@ -650,7 +662,7 @@ if __name__ == "__main__":
     _MEMORY = flags.DEFINE_float("device_memory_gb", None, "Memory per device in GiB (required for cpu:N; "
                                  "overrides the TPU HBM).")
     _SEARCH = flags.DEFINE_bool("search", False, "Try fsdp x tensor meshes and remat policies; report the "
-                                "smallest footprint that fits.")
+                                "fastest predicted step that fits.")
     _REMAT = flags.DEFINE_enum("remat", None, list(REMAT_SEARCH) + ["dots", "minimal"],
                                "Override the student's remat policy.")
     flags.mark_flags_as_required(["config", "topology"])
