@@ -42,6 +42,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and prompts.")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", None, "torch.set_num_threads (default: torch's own choice).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON to this path.")
+_TORCH_DEVICE = flags.DEFINE_string("torch_device", "cpu", "Device of the PyTorch model ('cuda' on a GPU machine; "
+                                    "kdjax uses JAX's default device).")
 
 
 def build_models(directory: str):
@@ -95,7 +97,10 @@ def main(argv):
         ref, model = build_models(tmp)
     right, right_mask, left, left_mask = prompts()
     b, new = _BATCH.value, _NEW.value
-    left_t, left_mask_t = torch.tensor(left, dtype=torch.long), torch.tensor(left_mask, dtype=torch.long)
+    device = torch.device(_TORCH_DEVICE.value)
+    ref = ref.to(device)
+    left_t = torch.tensor(left, dtype=torch.long, device=device)
+    left_mask_t = torch.tensor(left_mask, dtype=torch.long, device=device)
 
     def run_kdjax():
         out = kdjax.generate(model, right, right_mask, max_new_tokens=new, temperature=0)
@@ -105,7 +110,7 @@ def main(argv):
         with torch.inference_mode():
             seq = ref.generate(left_t, attention_mask=left_mask_t, max_new_tokens=new, min_new_tokens=new,
                                do_sample=False)
-        return seq[:, left.shape[1]:].numpy()
+        return seq[:, left.shape[1]:].cpu().numpy()
 
     start = time.perf_counter()
     ours = run_kdjax()
@@ -130,7 +135,8 @@ def main(argv):
         "model": f"llama {_LAYERS.value}x{_HIDDEN.value}, heads {_HEADS.value}/{_KV_HEADS.value}, "
                  f"ffn {_FFN.value}, vocab {_VOCAB.value}, float32, {model.num_params:,} params",
         "batch": b, "prompt": _PROMPT.value, "new_tokens": new, "repeats": _REPEATS.value,
-        "platform": jax.devices()[0].platform, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "platform": jax.devices()[0].platform, "device": str(jax.devices()[0].device_kind),
+        "torch_device": _TORCH_DEVICE.value, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "warmup_s": {"kdjax": round(warm_kdjax, 3), "transformers": round(warm_torch, 3)},
         "median_s": {k: round(v, 4) for k, v in med.items()},
         "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
