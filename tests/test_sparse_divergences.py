@@ -151,3 +151,15 @@ def test_bad_inputs_are_one_line_errors():
         with pytest.raises(err) as info:
             sparse.sparse_divergence(s, ids, lp, tail, kind="nope")
         assert "\n" not in str(info.value)
+
+
+def test_tail_counts_ties_left_out_of_the_top_k():
+    t = np.array([[3.0, 2.0, 2.0, 2.0, 1.0, -1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], np.float32)
+    ids, lp, tail = sparse.dense_to_sparse(t, 2)
+    ids = np.asarray(ids)
+    assert all(len(set(row)) == 2 for row in ids)
+    logp = _np_log_softmax(t)
+    for row in range(2):
+        rest = np.setdiff1d(np.arange(6), ids[row])
+        np.testing.assert_allclose(float(tail[row]), np.log(np.exp(logp[row, rest]).sum()), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(lp[row]), logp[row, ids[row]], rtol=1e-6)

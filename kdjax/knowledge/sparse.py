@@ -154,11 +154,15 @@ def dense_to_sparse(teacher_logits, k: int, temperature=1.0):
     log_p = jax.nn.log_softmax(_util.as_f32(teacher_logits) / temperature, axis=-1)
     values, ids = jax.lax.top_k(log_p, k)
     if k == vocab:
-        tail = jnp.full(log_p.shape[:-1], -jnp.inf, jnp.float32)
-    else:
-        flat = ids.reshape(-1, k)
-        in_topk = jax.vmap(lambda i: jnp.zeros((vocab,), bool).at[i].set(True))(flat).reshape(log_p.shape)
-        rest = jnp.where(in_topk, -jnp.inf, log_p)
-        empty = jnp.all(jnp.isneginf(rest), axis=-1)
-        tail = jnp.where(empty, -jnp.inf, jax.nn.logsumexp(jnp.where(empty[..., None], 0.0, rest), axis=-1))
+        return ids.astype(jnp.int32), values, jnp.full(log_p.shape[:-1], -jnp.inf, jnp.float32)
+    # The tail without a scatter: every entry below the k-th value, plus the entries *equal* to it
+    # that top_k left out (ties), each of which carries exactly the k-th value's mass.
+    kth = values[..., -1:]
+    below = jnp.where(log_p < kth, log_p, -jnp.inf)
+    none_below = jnp.all(jnp.isneginf(below), axis=-1)
+    tail = jnp.where(none_below, -jnp.inf, jax.nn.logsumexp(jnp.where(none_below[..., None], 0.0, below), axis=-1))
+    extra_ties = jnp.sum(log_p >= kth, axis=-1) - k
+    tie_mass = jnp.where(extra_ties > 0, kth[..., 0] + jnp.log(jnp.maximum(extra_ties, 1).astype(jnp.float32)),
+                         -jnp.inf)
+    tail = jnp.logaddexp(tail, tie_mass)
     return ids.astype(jnp.int32), values, tail
