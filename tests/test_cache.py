@@ -306,3 +306,17 @@ def test_command_line(env, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "kdjax.cache", f"--config={config_file}", f"--workdir={workdir}",
                           "--config.cache.k=99999"], capture_output=True, text=True, env=env_vars, timeout=600)
     assert bad.returncode == 2 and "kdjax.cache: error: config.cache.k=99999 exceeds" in bad.stderr
+
+
+@pytest.mark.slow
+def test_teacher_sharded_on_the_config_mesh_writes_the_same_rows(env, written, tmp_path):
+    assert jax.device_count() == 8
+    config = make_config(env)
+    config.mesh = dict(axes=("data", "fsdp", "tensor"), ici=(1, -1, 1), dcn=(1, 1, 1))
+    manifest = cache.write_cache(config, str(tmp_path / "sharded"), process_index=0, process_count=1, progress=False)
+    assert manifest["teachers"][0]["fingerprint"] == written["manifest"]["teachers"][0]["fingerprint"]
+    got, want = _all_rows(str(tmp_path / "sharded")), _all_rows(written["one"])
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a["teacher_topk_ids"], b["teacher_topk_ids"])
+        np.testing.assert_allclose(a["teacher_topk_logprobs"], b["teacher_topk_logprobs"], atol=1e-4)
+        np.testing.assert_allclose(a["teacher_tail_logprob"], b["teacher_tail_logprob"], atol=1e-4)
