@@ -248,5 +248,5 @@ def test_plan_keeps_zero_teacher_weights_and_per_teacher_rules():
     assert weights == {"big": 1.0, "off": 0.0}
     step = P.build_planned_step(c, S.make_mesh(S.MeshConfig.from_config(dict(c.mesh))))
     assert [t.weight for t in step.teachers] == [1.0, 0.0]
-    assert dict(step.teacher_rules["big"])["mlp"] == "fsdp"
-    assert dict(step.teacher_rules["off"])["mlp"] != "fsdp"
+    assert tuple(dict(step.teacher_rules["big"])["mlp"]) == ("fsdp",)
+    assert tuple(dict(step.teacher_rules["off"])["mlp"]) != ("fsdp",)
