@@ -177,3 +177,27 @@ def test_one_line_errors(tmp_path):
     hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
     with pytest.raises(ConfigError, match=r"^partial_rotary_factor=0.5 is not supported"):
         families.config_from_hf(hf)
+
+
+def test_routed_dispatch_equals_dense_without_drops_and_drops_over_capacity(tmp_path):
+    ref = make_hf_model("qwen3_moe", "causal_lm")
+    model = kdjax.load_pretrained(save_hf_model(ref, str(tmp_path / "hf")))
+    ids, mask = padded_batch("qwen3_moe")
+    dense = np.asarray(model(ids, mask).logits)
+    c = model.config
+    graphdef = kdjax.hub.abstract_model(c.replace(moe_dispatch="routed", moe_capacity_factor=100.0))[0]
+    routed = kdjax.Model(c.replace(moe_dispatch="routed", moe_capacity_factor=100.0), graphdef, model.params)
+    np.testing.assert_allclose(np.asarray(routed(ids, mask).logits), dense, atol=1e-5)
+    tight_config = c.replace(moe_dispatch="routed", moe_capacity_factor=0.25)
+    tight = kdjax.Model(tight_config, kdjax.hub.abstract_model(tight_config)[0], model.params)
+    assert np.max(np.abs(np.asarray(tight(ids, mask).logits) - dense)) > 1e-3
+
+
+def test_gemma_scanned_and_unrolled_agree(tmp_path):
+    path = save_hf_model(make_hf_model("gemma2", "causal_lm"), str(tmp_path / "hf"))
+    ids, mask = padded_batch("gemma2")
+    scanned = kdjax.load_pretrained(path, scan_layers=True)(ids, mask, taps={"attention_probs": (0, 1)})
+    unrolled = kdjax.load_pretrained(path, scan_layers=False)(ids, mask, taps={"attention_probs": (0, 1)})
+    np.testing.assert_allclose(np.asarray(scanned.logits), np.asarray(unrolled.logits), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(scanned.intermediates.attention_probs),
+                               np.asarray(unrolled.intermediates.attention_probs), atol=1e-5)

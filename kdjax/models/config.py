@@ -29,6 +29,7 @@ ROPE_SCALING_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
+MOE_DISPATCHES = ("dense", "routed")
 CLASSIFIER_STYLES = ("bert_pooler", "roberta", "last_token")
 REMAT_POLICIES = (
         "none",  # keep every activation (fastest, most memory)
@@ -90,6 +91,10 @@ class ModelConfig:
     moe_intermediate_size: Optional[int] = None
     norm_topk_prob: bool = True  # renormalize the top-k router probabilities to sum to 1
     router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss (kdjax.models.moe)
+    # "dense": every expert on every token, weighted by the sparse gate (exact); "routed": each expert
+    # gets a fixed-size buffer of ceil(moe_capacity_factor * tokens * k / E) tokens, overflow is dropped.
+    moe_dispatch: str = "dense"
+    moe_capacity_factor: float = 1.25
     qkv_bias: bool = True
     out_bias: bool = True  # attention output projection bias
     mlp_bias: bool = True
@@ -165,7 +170,8 @@ class ModelConfig:
             bad(f"unknown model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         for field, allowed in (("head", HEADS), ("norm", NORMS), ("activation", ACTIVATIONS),
                                                       ("position_embedding", POSITION_EMBEDDINGS),
-                                                      ("classifier_style", CLASSIFIER_STYLES), ("remat_policy", REMAT_POLICIES)):
+                                                      ("classifier_style", CLASSIFIER_STYLES), ("remat_policy", REMAT_POLICIES),
+                                                      ("moe_dispatch", MOE_DISPATCHES)):
             value = getattr(self, field)
             if value not in allowed:
                 bad(f"ModelConfig.{field}={value!r} is not one of {', '.join(allowed)}")
@@ -204,6 +210,8 @@ class ModelConfig:
                     f"({self.num_experts})")
             if not self.gated_mlp:
                 bad("ModelConfig.num_experts > 0 needs gated_mlp=True (experts are gated MLPs)")
+            if not float(self.moe_capacity_factor) > 0:
+                bad(f"ModelConfig.moe_capacity_factor must be positive, got {self.moe_capacity_factor}")
         for field in ("dropout", "attention_dropout"):
             rate = getattr(self, field)
             if not 0.0 <= float(rate) < 1.0:
