@@ -131,13 +131,13 @@ def test_router_aux_loss_equals_transformers_aux_loss(tmp_path):
     assert abs(float(router_aux_loss(model.config, out.intermediates.router_logits, mask)) - 0.02 * aux) < 1e-7
 
 
-def test_router_logits_tap_needs_experts():
-    from kdjax.models import TapError, preset
+def test_router_logits_tap_is_none_for_dense_models():
+    from kdjax.models import preset
     from kdjax.hub.api import Model
 
     model = Model.init(preset("llama", vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16))
-    with pytest.raises(TapError, match="router_logits.*num_experts=0"):
-        model(np.ones((1, 4), np.int32), taps="router_logits")
+    out = model(np.ones((1, 4), np.int32), taps=("router_logits", "hidden_states"))
+    assert out.intermediates.router_logits is None and out.intermediates.hidden_states is not None
 
 
 def test_family_table_is_the_single_list():

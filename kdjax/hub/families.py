@@ -326,7 +326,7 @@ def family(model_type: Any) -> Family:
     """The family of a kdjax or HF `model_type`; a one-line error naming the supported ones otherwise."""
     found = _BY_HF_TYPE.get(model_type)
     if found is None:
-        raise ConfigError(f"unknown model_type {model_type!r}; supported: {', '.join(sorted(_BY_HF_TYPE))}")
+        raise ConfigError(f"unknown model_type {model_type!r}; supported: {', '.join(_BY_HF_TYPE)}")
     return found
 
 

@@ -17,7 +17,8 @@ query                  [n, B, S, H, d]             projected queries (after RoPE
 key / value            [n, B, S, K, d]             projected keys (after RoPE) / values
 attention_context      [n, B, S, H, d]             per-head attention outputs before the out proj
 ffn_output             [n, B, S, D]                output of the feed-forward block (pre-residual)
-router_logits          [n, B, S, E]                mixture-of-experts router logits (E experts)
+router_logits          [n, B, S, E]                mixture-of-experts router logits (E experts);
+                                                   None for a dense model
 logits                 [B, S, V] or [B, C]         head output
 =====================  ==========================  =============================================
 

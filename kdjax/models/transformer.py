@@ -20,7 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from kdjax.models.config import ModelConfig
-from kdjax.models.taps import LAYER_KINDS, TAP_TYPES, Intermediates, TapError, TapSpec
+from kdjax.models.taps import LAYER_KINDS, TAP_TYPES, Intermediates, TapSpec
 
 Array = jax.Array
 NEG_INF = float(jnp.finfo(jnp.float32).min)
@@ -412,9 +412,9 @@ class Transformer(nnx.Module):
             rope = (rope, rope_tables(positions, c.dim_per_head, c.rope_local_theta))
         allowed = self._attention_mask(attention_mask)
 
-        layer_kinds = frozenset(k for k in resolved if k in LAYER_KINDS)
-        if "router_logits" in layer_kinds and not c.num_experts:
-            raise TapError(f"tap 'router_logits' needs a mixture-of-experts model; {c.model_type} has num_experts=0")
+        # A dense model has no router: a `router_logits` request records nothing (the tap stays None), so
+        # one tap set (e.g. every kind) serves dense and MoE models alike.
+        layer_kinds = frozenset(k for k in resolved if k in LAYER_KINDS and (k != "router_logits" or c.num_experts))
         want_hidden = "hidden_states" in resolved
         h_last, stacked = self._run_layers(h, allowed, rope, layer_kinds, want_hidden, resolved, layer_keys)
         if self.final_norm is not None:
