@@ -81,6 +81,7 @@ def test_export_round_trip(tmp_path, family):
     assert again.config == model.config
 
 
+@pytest.mark.slow
 def test_gemma_local_layers_and_softcaps_matter(tmp_path):
     """The per-layer windows, local RoPE base and soft-caps each change the output (so parity tests them)."""
     ref = make_hf_model("gemma3_text", "causal_lm")
@@ -179,6 +180,7 @@ def test_one_line_errors(tmp_path):
         families.config_from_hf(hf)
 
 
+@pytest.mark.slow
 def test_routed_dispatch_equals_dense_without_drops_and_drops_over_capacity(tmp_path):
     ref = make_hf_model("qwen3_moe", "causal_lm")
     model = kdjax.load_pretrained(save_hf_model(ref, str(tmp_path / "hf")))
@@ -193,6 +195,7 @@ def test_routed_dispatch_equals_dense_without_drops_and_drops_over_capacity(tmp_
     assert np.max(np.abs(np.asarray(tight(ids, mask).logits) - dense)) > 1e-3
 
 
+@pytest.mark.slow
 def test_gemma_scanned_and_unrolled_agree(tmp_path):
     path = save_hf_model(make_hf_model("gemma2", "causal_lm"), str(tmp_path / "hf"))
     ids, mask = padded_batch("gemma2")
@@ -201,3 +204,20 @@ def test_gemma_scanned_and_unrolled_agree(tmp_path):
     np.testing.assert_allclose(np.asarray(scanned.logits), np.asarray(unrolled.logits), atol=1e-5)
     np.testing.assert_allclose(np.asarray(scanned.intermediates.attention_probs),
                                np.asarray(unrolled.intermediates.attention_probs), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(families.FAMILIES))
+def test_every_family_param_gets_a_logical_axis(name):
+    """The sharding table names every parameter of every family (norms, q/k norms, experts)."""
+    from kdjax import sharding as S
+    from kdjax.models import preset
+
+    extra = {"gemma2": dict(layer_types=("sliding_attention", "full_attention"), sliding_window=4),
+             "mixtral": dict(num_experts=4), "qwen3_moe": dict(num_experts=4)}.get(name, {})
+    config = preset(name, vocab_size=64, hidden_size=16, num_layers=2, num_heads=4, intermediate_size=32,
+                    head="causal_lm" if name not in ("bert", "roberta") else "mlm", **extra)
+    abstract = kdjax.hub.abstract_model(config)[1]
+    mesh = S.make_mesh(S.MeshConfig(axes=("data", "fsdp", "tensor", "expert"), ici=(1, 2, 2, 2)))
+    specs = kdjax.hub.flat_params(S.param_specs(abstract, mesh, S.merge_rules(S.DEFAULT_TEACHER_RULES,
+                                                                               S.EXPERT_RULES)))
+    assert set(specs) == set(kdjax.hub.flat_params(abstract))
