@@ -227,3 +227,17 @@ def test_expert_mesh_axis_shards_experts_and_matches_one_device(tmp_path):
     np.testing.assert_allclose(np.asarray(ours.logits), np.asarray(ref.logits), atol=1e-5)
     np.testing.assert_allclose(np.asarray(ours.intermediates.router_logits),
                                np.asarray(ref.intermediates.router_logits), atol=1e-5)
+
+
+@pytest.mark.parametrize("transform,hf_shape,kd_block", [
+    ("rows:4:10", (12, 6), (slice(1, 5, 1), slice(2, 6, 1))),  # kdjax [in=6, out=6] from rows 4..10
+    ("slice:3:9", (12,), (slice(2, 5, 1),)),
+])
+def test_fused_row_transforms_map_to_contiguous_blocks(transform, hf_shape, kd_block):
+    from kdjax.hub.checkpoint import _apply
+
+    hf = np.arange(math.prod(hf_shape), dtype=np.float32).reshape(hf_shape)
+    want = _apply(transform, hf)[kd_block]
+    hf_index, post = checkpoint_index(transform, kd_block, hf_shape)
+    np.testing.assert_array_equal(post(hf[hf_index]), want)
+    assert hf[hf_index].size == want.size
