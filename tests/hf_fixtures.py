@@ -30,7 +30,8 @@ FAMILY_CONFIGS = {
         # Families added with the family table: each exercises its own switches on a tiny config.
         "qwen3": lambda: transformers.Qwen3Config(
                 vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=12, intermediate_size=48, max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=False),
+                head_dim=12, intermediate_size=48, max_position_embeddings=64, pad_token_id=0,
+                tie_word_embeddings=False),
         "gemma2": lambda: transformers.Gemma2Config(
                 vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                 head_dim=16, intermediate_size=48, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,

@@ -97,7 +97,8 @@ def test_gemma_local_layers_and_softcaps_matter(tmp_path):
         params = model.params
         if not other.qk_norm:
             params = kdjax.hub.abstract_model(other)[1]
-            flat = {k: v for k, v in kdjax.hub.flat_params(model.params).items() if "q_norm" not in k and "k_norm" not in k}
+            flat = {k: v for k, v in kdjax.hub.flat_params(model.params).items()
+                    if "q_norm" not in k and "k_norm" not in k}
             params = kdjax.hub.params_from_flat(params, flat, np.float32)
         out = np.asarray(kdjax.Model(other, graphdef, params)(ids, mask).logits)
         assert np.max(np.abs(out - base)[mask.astype(bool)]) > 1e-3, change

@@ -171,7 +171,8 @@ def _attention_bias(hf: dict) -> dict:
 
 def _attention_bias_out(c: ModelConfig) -> dict:
     if c.qkv_bias != c.out_bias:
-        raise ConfigError(f"{c.model_type} checkpoints have one attention_bias switch; qkv_bias and out_bias must agree")
+        raise ConfigError(f"{c.model_type} checkpoints have one attention_bias switch; qkv_bias and out_bias "
+                          "must agree")
     return dict(attention_bias=c.qkv_bias)
 
 
@@ -265,7 +266,8 @@ def _qwen3_moe_read(hf: dict) -> dict:
     if not experts:
         raise ConfigError("qwen3_moe config.json lacks num_experts (or num_local_experts)")
     return dict(num_experts=experts, num_experts_per_tok=hf.get("num_experts_per_tok", 8),
-                moe_intermediate_size=hf.get("moe_intermediate_size"), norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+                moe_intermediate_size=hf.get("moe_intermediate_size"),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
                 router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001))
 
 

@@ -170,8 +170,8 @@ class ModelConfig:
             bad(f"unknown model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         for field, allowed in (("head", HEADS), ("norm", NORMS), ("activation", ACTIVATIONS),
                                                       ("position_embedding", POSITION_EMBEDDINGS),
-                                                      ("classifier_style", CLASSIFIER_STYLES), ("remat_policy", REMAT_POLICIES),
-                                                      ("moe_dispatch", MOE_DISPATCHES)):
+                                                      ("classifier_style", CLASSIFIER_STYLES),
+                                                      ("remat_policy", REMAT_POLICIES), ("moe_dispatch", MOE_DISPATCHES)):
             value = getattr(self, field)
             if value not in allowed:
                 bad(f"ModelConfig.{field}={value!r} is not one of {', '.join(allowed)}")
