@@ -23,6 +23,8 @@ does E / k = 16x the FLOPs of a routed dispatch, so this plan measures memory, n
 Measured with the defaults (batch 16 x 2048, tensor 4, expert 4): v5p:4x4x4 (64 chips, mesh fsdp 4 x
 tensor 4 x expert 4) FITS at 20.80 GiB of 95 per chip: 7.56 GiB of teacher weights, 5.72 GiB of student
 train state, 7.47 GiB of temporaries (the TPU compile took 29 min on a heavily loaded 2-core machine).
+v5p:2x2x4 (16 chips, fsdp 1 x tensor 4 x expert 4) also FITS, at 78.57 GiB of 95 (teacher 30.23 GiB,
+train state 22.89 GiB, temporaries 25.42 GiB).
 
 Options (`:batch=16,seq=2048,tensor=4,expert=4,remat=full`): global batch, sequence length, the tensor-
 and expert-parallel widths (fsdp takes the remaining chips), the student's remat policy.
