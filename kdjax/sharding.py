@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_PARAM_AXES",
     "DEFAULT_STUDENT_RULES",
     "DEFAULT_TEACHER_RULES",
+    "EXPERT_RULES",
     "KNOWN_MESH_AXES",
     "MeshConfig",
     "MeshError",
@@ -91,8 +92,9 @@ class ShardingError(ValueError):
 
 # Mesh axes kdjax knows about, in the conventional order (outermost / least communication first).
 # `data` is pure data parallelism (params replicated), `fsdp` shards params and batch, `tensor`
-# splits heads/mlp/vocab (Megatron style). `stage`, `sequence` and `expert` are reserved names so a
-# config may carry them (size 1) before anything uses them.
+# splits heads/mlp/vocab (Megatron style), `expert` holds a share of each MoE layer's experts (rule
+# `expert -> expert`, see `EXPERT_RULES`). `stage` and `sequence` are reserved names so a config may
+# carry them (size 1) before anything uses them.
 KNOWN_MESH_AXES = ("data", "stage", "fsdp", "sequence", "tensor", "expert")
 
 
@@ -262,7 +264,9 @@ def make_mesh(mesh_config: Optional[MeshConfig] = None, devices: Optional[Sequen
 # Weight dimensions. `heads` is the fused H*d query/output width, `kv` the fused K*d key/value width
 # (different under GQA), `norm` the feature dim of a norm scale/bias (kept apart from `embed` so
 # tiny vectors can stay replicated while the matrices along `embed` are sharded).
-WEIGHT_AXES = ("vocab", "embed", "heads", "kv", "mlp", "layers", "norm", "labels", "position", "token_type")
+# `expert` is the stacked expert axis of mixture-of-experts weights ([L, E, D, F]).
+WEIGHT_AXES = ("vocab", "embed", "heads", "kv", "mlp", "layers", "norm", "labels", "position", "token_type",
+               "expert")
 # Activation dimensions, shared by teacher and student rules.
 ACTIVATION_AXES = ("act_batch", "act_len", "act_embed", "act_heads", "act_kv", "act_mlp", "act_vocab")
 
@@ -273,7 +277,8 @@ DEFAULT_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"embed/position/embedding", ("position", "embed")),
     (r"embed/token_type/embedding", ("token_type", "embed")),
     (r"(embed/norm|final_norm|mlm_norm)/(scale|bias)", ("norm",)),
-    (r"layers/(attn_norm|mlp_norm)/(scale|bias)", ("layers", "norm")),
+    (r"layers/(attn_norm|mlp_norm|attn_post_norm|mlp_post_norm|attn/q_norm|attn/k_norm)/(scale|bias)",
+     ("layers", "norm")),
     (r"layers/attn/q/kernel", ("layers", "embed", "heads")),
     (r"layers/attn/[kv]/kernel", ("layers", "embed", "kv")),
     (r"layers/attn/q/bias", ("layers", "heads")),
@@ -284,6 +289,11 @@ DEFAULT_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"layers/mlp/(up|gate)/bias", ("layers", "mlp")),
     (r"layers/mlp/down/kernel", ("layers", "mlp", "embed")),
     (r"layers/mlp/down/bias", ("layers", "embed")),
+    # Mixture of experts: the router is small (E columns) and stays whole along experts; each expert's
+    # matrices are split like a dense MLP's, and the expert axis over the `expert` mesh axis.
+    (r"layers/moe/router/kernel", ("layers", "embed", None)),
+    (r"layers/moe/(gate|up)", ("layers", "expert", "embed", "mlp")),
+    (r"layers/moe/down", ("layers", "expert", "mlp", "embed")),
     (r"decoder/kernel", ("embed", "vocab")),
     (r"mlm_bias", ("vocab",)),
     # [D, D] matrices: both dims are `embed`; the mesh axis goes to the input dim only (see
@@ -344,7 +354,12 @@ DEFAULT_TEACHER_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("labels", None),
     ("position", None),
     ("token_type", None),
+    ("expert", None),
 ) + ACTIVATION_RULES
+
+# Expert parallelism on top of either rule set, for a mesh with an `expert` axis:
+# ``merge_rules(DEFAULT_TEACHER_RULES, EXPERT_RULES)``.
+EXPERT_RULES: tuple[tuple[str, MeshAxes], ...] = (("expert", "expert"),)
 
 # Small models: fsdp only; every weight is replicated across `tensor` (and `data`).
 DEFAULT_STUDENT_RULES: tuple[tuple[str, MeshAxes], ...] = (
@@ -358,6 +373,7 @@ DEFAULT_STUDENT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("labels", None),
     ("position", None),
     ("token_type", None),
+    ("expert", None),
 ) + ACTIVATION_RULES
 
 

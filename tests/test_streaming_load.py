@@ -185,3 +185,59 @@ def test_one_line_errors(tmp_path, bert_dir, mesh):
     assert "\n" not in str(e.value)
     with pytest.raises(CheckpointError, match="unexpected tensor"):
         load_sharded(bert_dir, mesh, head="base")
+
+
+@pytest.mark.parametrize("family", ["phi3", "mixtral"])
+def test_fused_rows_and_stacked_experts_stream_from_a_sharded_index(tmp_path, mesh, family):
+    """Phi-3's fused qkv/gate_up rows and Mixtral's per-expert tensors: sliced reads, same params."""
+    directory = str(tmp_path / family)
+    make_hf_model(family, "causal_lm").save_pretrained(directory, max_shard_size="40KB")
+    assert os.path.isfile(os.path.join(directory, SAFETENSORS_INDEX))
+    stats = ReadStats()
+    model = load_sharded(directory, mesh, stats=stats)
+    reference = kdjax.load_pretrained(directory)
+    _assert_same_params(model, reference)
+    expected = {"layers/attn/q/kernel": 8, "layers/mlp/gate/kernel": 8} if family == "phi3" else {
+        "layers/moe/gate": 8, "layers/moe/down": 8}
+    _assert_byte_counts(model, reference, stats, mesh, expected)
+    _assert_forward_close(model, reference, family)
+
+
+def test_expert_mesh_axis_shards_experts_and_matches_one_device(tmp_path):
+    """Experts split over an `expert` mesh axis: each device reads only its experts; outputs equal one device's."""
+    from kdjax.sharding import DEFAULT_TEACHER_RULES, EXPERT_RULES, merge_rules
+
+    directory = save_hf_model(make_hf_model("mixtral", "causal_lm"), str(tmp_path / "mixtral"))
+    expert_mesh = make_mesh(MeshConfig(axes=("data", "fsdp", "tensor", "expert"), ici=(1, 2, 1, 4)))
+    rules = merge_rules(DEFAULT_TEACHER_RULES, EXPERT_RULES)
+    stats = ReadStats()
+    model = load_sharded(directory, expert_mesh, rules, stats=stats)
+    reference = kdjax.load_pretrained(directory)
+    arrays = flat_params(model.params)
+    assert tuple(arrays["layers/moe/up"].sharding.spec) == (None, "expert", "fsdp", "tensor")
+    assert tuple(arrays["layers/moe/down"].sharding.spec) == (None, "expert", "tensor", "fsdp")
+    _assert_same_params(model, reference)
+    _assert_byte_counts(model, reference, stats, expert_mesh, {"layers/moe/up": 8, "layers/moe/down": 8})
+    # 4 experts over expert=4: each device's block of an expert stack holds one expert.
+    up = arrays["layers/moe/up"]
+    assert {s.data.shape[1] for s in up.addressable_shards} == {1}
+    ids, mask = padded_batch("mixtral")
+    ours = model(ids, mask, taps="router_logits")
+    ref = reference(ids, mask, taps="router_logits")
+    np.testing.assert_allclose(np.asarray(ours.logits), np.asarray(ref.logits), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours.intermediates.router_logits),
+                               np.asarray(ref.intermediates.router_logits), atol=1e-5)
+
+
+@pytest.mark.parametrize("transform,hf_shape,kd_block", [
+    ("rows:4:10", (12, 6), (slice(1, 5, 1), slice(2, 6, 1))),  # kdjax [in=6, out=6] from rows 4..10
+    ("slice:3:9", (12,), (slice(2, 5, 1),)),
+])
+def test_fused_row_transforms_map_to_contiguous_blocks(transform, hf_shape, kd_block):
+    from kdjax.hub.checkpoint import _apply
+
+    hf = np.arange(math.prod(hf_shape), dtype=np.float32).reshape(hf_shape)
+    want = _apply(transform, hf)[kd_block]
+    hf_index, post = checkpoint_index(transform, kd_block, hf_shape)
+    np.testing.assert_array_equal(post(hf[hf_index]), want)
+    assert hf[hf_index].size == want.size

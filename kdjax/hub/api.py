@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from kdjax.hub import checkpoint as ckpt
-from kdjax.hub.families import config_from_hf, config_to_hf
-from kdjax.models.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
+from kdjax.hub.families import config_from_hf, config_to_hf, family
+from kdjax.models.config import ModelConfig
 from kdjax.models.taps import Intermediates, TapSpec
 from kdjax.models.transformer import Transformer, forward
 
@@ -129,8 +129,7 @@ def _load_tokenizer(directory: str):
 
 def check_model_type(hf: dict) -> None:
     """One-line error for a `config.json` whose `model_type` kdjax cannot build."""
-    if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"unknown model_type {hf.get('model_type')!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    family(hf.get("model_type"))
 
 
 def checkpoint_config(hf: dict, tensor_names: Sequence[str], *, dtype: Optional[str] = None,

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from kdjax.hub.families import IGNORED_SUFFIXES, tied_names, weight_table
+from kdjax.hub.families import BASE_PREFIXES, IGNORED_SUFFIXES, flat_names, row_names, tied_names, weight_table
 from kdjax.models.config import ModelConfig
 
 SAFETENSORS = "model.safetensors"
@@ -167,6 +167,12 @@ def _read_safetensor(file: str, name: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype[meta["dtype"]]).reshape(meta["shape"])
 
 
+def _span(transform: str) -> tuple[int, int]:
+    """(start, stop) of a `rows:A:B` / `slice:A:B` transform."""
+    _, start, stop = transform.split(":")
+    return int(start), int(stop)
+
+
 def _apply(transform: str, array: np.ndarray) -> np.ndarray:
     if transform == "linear":
         return array.T
@@ -174,15 +180,26 @@ def _apply(transform: str, array: np.ndarray) -> np.ndarray:
         n = int(transform[4:])
         third = array.shape[-1] // 3
         return array[..., n * third:(n + 1) * third]
+    if transform.startswith("rows:"):
+        start, stop = _span(transform)
+        return array[start:stop].T
+    if transform.startswith("slice:"):
+        start, stop = _span(transform)
+        return array[start:stop]
     return array
 
 
-def _unapply(transform: str, parts: list[np.ndarray]) -> np.ndarray:
+def _unapply(parts: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """One HF tensor from the kdjax parts that a weight table maps onto it (several for fused tensors)."""
+    transform = parts[0][0]
     if transform == "linear":
-        return parts[0].T
+        return parts[0][1].T
     if transform.startswith("qkv:"):
-        return np.concatenate(parts, axis=-1)
-    return parts[0]
+        return np.concatenate([p for _, p in sorted(parts, key=lambda tp: int(tp[0][4:]))], axis=-1)
+    if transform.startswith(("rows:", "slice:")):
+        ordered = [p for _, p in sorted(parts, key=lambda tp: _span(tp[0]))]
+        return np.concatenate([p.T for p in ordered] if transform.startswith("rows:") else ordered, axis=0)
+    return parts[0][1]
 
 
 def match_tensor_names(directory: str, config: ModelConfig, names: list[str], *,
@@ -193,8 +210,7 @@ def match_tensor_names(directory: str, config: ModelConfig, names: list[str], *,
     rows, prefix = weight_table(config)
     needed = set()
     for r in rows:
-        for i in (range(config.num_layers) if r.per_layer else [None]):
-            needed.add(r.hf.format(i=i) if r.per_layer else r.hf)
+        needed.update(flat_names(row_names(r, config)))
     concrete = {}
     for name in names:
         for cand in (name, prefix + name if prefix else None, name[len(prefix):] if prefix and name.startswith(prefix) else None):
@@ -202,7 +218,7 @@ def match_tensor_names(directory: str, config: ModelConfig, names: list[str], *,
                 concrete[cand] = name
                 break
         else:
-            for p in ("bert.", "roberta.", "transformer.", "model."):
+            for p in BASE_PREFIXES:
                 if name.startswith(p) and name[len(p):] in needed:
                     concrete[name[len(p):]] = name
                     break
@@ -250,16 +266,17 @@ def load_flat_params(directory: str, config: ModelConfig, expected_shapes: dict[
         want = expected_shapes.get(r.path)
         if want is None:
             raise CheckpointError(f"internal: kdjax model has no parameter {r.path}")
-        layer_ids = range(config.num_layers) if r.per_layer else [None]
-        arrays = []
-        for i in layer_ids:
-            name = r.hf.format(i=i) if r.per_layer else r.hf
-            value = _apply(r.transform, reader.get(concrete[name]))
-            expect = tuple(want[1:]) if r.per_layer else tuple(want)
+        expect = tuple(want[int(r.per_layer) + int(r.per_expert):])
+
+        def read(names):  # nested [L][E] names -> the stacked kdjax array
+            if not isinstance(names, str):
+                return np.stack([read(n) for n in names])
+            value = _apply(r.transform, reader.get(concrete[names]))
             if tuple(value.shape) != expect:
-                raise shape_mismatch(name, value.shape, r.path, expect)
-            arrays.append(value)
-        flat[r.path] = np.stack(arrays) if r.per_layer else arrays[0]
+                raise shape_mismatch(names, value.shape, r.path, expect)
+            return value
+
+        flat[r.path] = read(row_names(r, config))
     return flat
 
 
@@ -267,16 +284,18 @@ def export_tensors(config: ModelConfig, flat: dict[str, np.ndarray]) -> dict[str
     """The inverse of `load_flat_params`: HF-named tensors from a flat kdjax param dict."""
     rows, _ = weight_table(config)
     out: dict[str, list] = {}
-    transforms: dict[str, str] = {}
     for r in rows:
         value = np.asarray(flat[r.path])
-        layers = range(config.num_layers) if r.per_layer else [None]
-        for i in layers:
-            name = r.hf.format(i=i) if r.per_layer else r.hf
-            part = value[i] if r.per_layer else value
-            out.setdefault(name, []).append(part)
-            transforms[name] = r.transform
-    return {name: np.ascontiguousarray(_unapply(transforms[name], parts)) for name, parts in out.items()}
+
+        def collect(names, part):  # walk the nested [L][E] names alongside the stacked array
+            if isinstance(names, str):
+                out.setdefault(names, []).append((r.transform, part))
+            else:
+                for j, n in enumerate(names):
+                    collect(n, part[j])
+
+        collect(row_names(r, config), value)
+    return {name: np.ascontiguousarray(_unapply(parts)) for name, parts in out.items()}
 
 
 def write_safetensors(tensors: dict[str, Any], directory: str, *, metadata: Optional[dict] = None) -> str:

@@ -20,6 +20,10 @@ each kdjax parameter to one HF tensor (or one per layer) through a transform:
   `(out_slice, in_slice)`, the block is read and transposed.
 - `qkv:N` (GPT-2's fused `c_attn`, the N-th third of the last axis): the last slice is shifted by
   `N * third`, a contiguous range of the fused tensor.
+- `rows:A:B` (Phi-3's fused `qkv_proj` / `gate_up_proj`, rows A..B transposed): the index is permuted
+  as for `linear` and its row slice shifted by A; `slice:A:B` (the matching bias) shifts the slice.
+- stacked experts (`{e}` rows, `[L, E, ...]`): like layers, the second entry of the index selects the
+  experts whose tensors are opened, so an `expert`-sharded device reads only its own experts.
 
 A transform that has no mapping (none of today's tables has one) falls back to reading the whole
 tensor, applying the transform and cutting the block out of it; such reads are listed in
@@ -56,7 +60,7 @@ from flax import nnx
 
 from kdjax.hub import checkpoint as ckpt
 from kdjax.hub.api import Model, _load_tokenizer, abstract_model, checkpoint_config, check_model_type, flat_params
-from kdjax.hub.families import WeightRow, weight_table
+from kdjax.hub.families import WeightRow, flat_names, row_names, weight_table
 from kdjax.sharding import DEFAULT_TEACHER_RULES, Rules, param_shardings
 
 __all__ = ["ReadRecord", "ReadStats", "SliceReader", "checkpoint_index", "load_sharded"]
@@ -209,13 +213,31 @@ def checkpoint_index(transform: str, index: Index,
         offset = int(transform[4:]) * (int(hf_shape[-1]) // 3)
         last = index[-1]
         return index[:-1] + (slice(last.start + offset, last.stop + offset, last.step),), lambda block: block
+    if transform.startswith("rows:") and len(index) == 2 and len(hf_shape) == 2:
+        offset = ckpt._span(transform)[0]
+        cols, rows = index
+        return (slice(rows.start + offset, rows.stop + offset, rows.step), cols), lambda block: block.T
+    if transform.startswith("slice:") and len(index) == 1:
+        offset = ckpt._span(transform)[0]
+        return (slice(index[0].start + offset, index[0].stop + offset, index[0].step),), lambda block: block
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _NamedRow:
+    """A weight row with its HF names expanded over layers and experts (nested like the kdjax stack)."""
+
+    row: WeightRow
+    hf_names: Any
+
+    def __getattr__(self, name):
+        return getattr(self.row, name)
 
 
 class _ParamLoader:
     """Reads the blocks of one kdjax parameter for `jax.make_array_from_callback`, once per distinct index."""
 
-    def __init__(self, reader: SliceReader, row: WeightRow, tensors: list[str], shape: tuple[int, ...],
+    def __init__(self, reader: SliceReader, row: WeightRow, tensors: Any, shape: tuple[int, ...],
                  dtype: np.dtype):
         self.reader, self.row, self.tensors, self.shape, self.dtype = reader, row, tensors, shape, dtype
         self.cache: dict[tuple, np.ndarray] = {}
@@ -236,11 +258,13 @@ class _ParamLoader:
             self.reader.stats.cache_hits += 1
             return self.cache[key]
         before = self.reader.stats.process_bytes
-        if self.row.per_layer:
-            layers = range(self.shape[0])[index[0]]
-            block = np.stack([self._read_one(self.tensors[i], index[1:]) for i in layers])
-        else:
-            block = self._read_one(self.tensors[0], index)
+
+        def read(tensors, inner):  # leading stacked axes (layers, experts) select which tensors to open
+            if isinstance(tensors, str):
+                return self._read_one(tensors, inner)
+            return np.stack([read(tensors[i], inner[1:]) for i in range(len(tensors))[inner[0]]])
+
+        block = read(self.tensors, index)
         self.block_bytes[key] = self.reader.stats.process_bytes - before
         self.cache[key] = np.ascontiguousarray(block).astype(self.dtype, copy=False)
         return self.cache[key]
@@ -253,15 +277,11 @@ def _check_shapes(reader: SliceReader, rows: list[WeightRow], names: dict[str, l
         want = shapes.get(r.path)
         if want is None:
             raise ckpt.CheckpointError(f"internal: kdjax model has no parameter {r.path}")
-        expect = tuple(want[1:]) if r.per_layer else tuple(want)
-        for hf_name, tensor in zip(_row_names(r, len(names[r.path])), names[r.path]):
+        expect = tuple(want[int(r.per_layer) + int(r.per_expert):])
+        for hf_name, tensor in zip(flat_names(r.hf_names), flat_names(names[r.path])):
             got = ckpt.transformed_shape(r.transform, reader.shape(tensor))
             if got != expect:
                 raise ckpt.shape_mismatch(hf_name, got, r.path, expect)
-
-
-def _row_names(row: WeightRow, num_layers: int) -> list[str]:
-    return [row.hf.format(i=i) for i in range(num_layers)] if row.per_layer else [row.hf]
 
 
 def load_sharded(name_or_path: str, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_TEACHER_RULES, *,
@@ -289,7 +309,11 @@ def load_sharded(name_or_path: str, mesh: jax.sharding.Mesh, rules: Rules = DEFA
         shardings = flat_params(param_shardings(abstract, mesh, rules, strict=strict_sharding))
         rows, _ = weight_table(config)
         concrete = ckpt.match_tensor_names(directory, config, reader.names(), strict=strict)
-        names = {r.path: [concrete[n] for n in _row_names(r, config.num_layers)] for r in rows}
+        def concrete_names(nested):
+            return concrete[nested] if isinstance(nested, str) else [concrete_names(n) for n in nested]
+
+        rows = [_NamedRow(r, row_names(r, config)) for r in rows]
+        names = {r.path: concrete_names(r.hf_names) for r in rows}
         _check_shapes(reader, rows, names, shapes)
         uncovered = sorted(set(shapes) - set(names))
         if uncovered:
@@ -302,7 +326,7 @@ def load_sharded(name_or_path: str, mesh: jax.sharding.Mesh, rules: Rules = DEFA
         arrays: dict[str, jax.Array] = {}
         for r in iterator:
             shape, sharding = shapes[r.path], shardings[r.path]
-            loader = _ParamLoader(reader, r, names[r.path], shape, target)
+            loader = _ParamLoader(reader, r.row, names[r.path], shape, target)
             arrays[r.path] = jax.make_array_from_callback(shape, sharding, loader, dtype=target)
             per_device = stats.param_device_bytes.setdefault(r.path, {})
             for device, index in sharding.addressable_devices_indices_map(shape).items():

@@ -1,8 +1,9 @@
 """`ModelConfig`: one description for every transformer family kdjax runs.
 
-A single frozen dataclass covers encoders (BERT, RoBERTa) and decoders (GPT-2, Llama, Qwen2, Mistral):
-the families differ only in a handful of switches (norm placement and kind, position scheme,
-activation, gating, attention grouping, biases, head tying).  Keeping them as data, not subclasses,
+A single frozen dataclass covers encoders (BERT, RoBERTa) and decoders (GPT-2, Llama, Qwen2/3, Mistral,
+Gemma 2/3, Phi-3, Mixtral, Qwen3-MoE): the families differ only in switches (norm placement and kind,
+position scheme, activation, gating, attention grouping, biases, head tying, q/k norms, soft-capping,
+local/global layers, mixture-of-experts MLPs).  Keeping them as data, not subclasses,
 lets a student be derived from a teacher by `dataclasses.replace` and lets the hub map Hugging Face
 configs in one table.
 """
@@ -16,7 +17,9 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "gpt2", "llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text",
+                         "phi3", "mixtral", "qwen3_moe")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 HEADS = ("base", "mlm", "classification", "causal_lm")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
@@ -26,6 +29,7 @@ ROPE_SCALING_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
+MOE_DISPATCHES = ("dense", "routed")
 CLASSIFIER_STYLES = ("bert_pooler", "roberta", "last_token")
 REMAT_POLICIES = (
         "none",  # keep every activation (fastest, most memory)
@@ -69,6 +73,28 @@ class ModelConfig:
     gated_mlp: bool = False  # SwiGLU-style gate * up
     causal: bool = False
     sliding_window: Optional[int] = None  # Mistral-style local attention
+    # Per-layer attention kind ("full_attention" / "sliding_attention"), as HF `layer_types`; () = every
+    # layer uses `sliding_window` (None: full). Gemma 2/3 alternate local and global layers.
+    layer_types: tuple = ()
+    rope_local_theta: Optional[float] = None  # RoPE base of sliding layers (Gemma 3); None = rope_theta
+    qk_norm: bool = False  # per-head norm of q and k before RoPE (Qwen3, Gemma 3)
+    norm_offset: bool = False  # RMSNorm scales by (1 + w) with w initialized at 0 (Gemma)
+    sandwich_norm: bool = False  # extra norms after attention and after the MLP, before each residual add (Gemma 2/3)
+    embedding_scale: bool = False  # multiply the token embeddings by sqrt(hidden_size) (Gemma)
+    query_pre_attn_scalar: Optional[float] = None  # scores scale 1/sqrt(this); None = head_dim
+    attn_logit_softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
+    final_logit_softcap: Optional[float] = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    # Mixture of experts (Mixtral, Qwen3-MoE): 0 = dense MLP. Experts are gated MLPs of width
+    # `moe_intermediate_size` (None = intermediate_size), stacked [L, E, ...].
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: Optional[int] = None
+    norm_topk_prob: bool = True  # renormalize the top-k router probabilities to sum to 1
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss (kdjax.models.moe)
+    # "dense": every expert on every token, weighted by the sparse gate (exact); "routed": each expert
+    # gets a fixed-size buffer of ceil(moe_capacity_factor * tokens * k / E) tokens, overflow is dropped.
+    moe_dispatch: str = "dense"
+    moe_capacity_factor: float = 1.25
     qkv_bias: bool = True
     out_bias: bool = True  # attention output projection bias
     mlp_bias: bool = True
@@ -97,6 +123,7 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", tuple(sorted(dict(scaling).items())))
         elif self.rope_scaling is None:
             object.__setattr__(self, "rope_scaling", ())
+        object.__setattr__(self, "layer_types", tuple(self.layer_types or ()))
         self.validate()
 
     # ----------------------------------------------------------------------------------------------
@@ -107,6 +134,15 @@ class ModelConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def expert_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
+
+    @property
+    def per_layer_attention(self) -> bool:
+        """Whether layers differ in their attention window or RoPE base (passed through the scan)."""
+        return "sliding_attention" in self.layer_types
 
     @property
     def is_decoder(self) -> bool:
@@ -134,7 +170,8 @@ class ModelConfig:
             bad(f"unknown model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         for field, allowed in (("head", HEADS), ("norm", NORMS), ("activation", ACTIVATIONS),
                                                       ("position_embedding", POSITION_EMBEDDINGS),
-                                                      ("classifier_style", CLASSIFIER_STYLES), ("remat_policy", REMAT_POLICIES)):
+                                                      ("classifier_style", CLASSIFIER_STYLES),
+                                                      ("remat_policy", REMAT_POLICIES), ("moe_dispatch", MOE_DISPATCHES)):
             value = getattr(self, field)
             if value not in allowed:
                 bad(f"ModelConfig.{field}={value!r} is not one of {', '.join(allowed)}")
@@ -159,6 +196,22 @@ class ModelConfig:
                 bad(f"rope scaling {kind!r} needs {', '.join(missing)}; got {', '.join(sorted(scaling)) or 'nothing'}")
             if float(scaling["factor"]) <= 0:
                 bad(f"rope scaling factor must be positive, got {scaling['factor']}")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers:
+                bad(f"ModelConfig.layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if unknown:
+                bad(f"ModelConfig.layer_types has {unknown}; each entry is one of {', '.join(LAYER_TYPES)}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                bad("ModelConfig.layer_types has sliding_attention layers but sliding_window is not set")
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                bad(f"ModelConfig.num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts "
+                    f"({self.num_experts})")
+            if not self.gated_mlp:
+                bad("ModelConfig.num_experts > 0 needs gated_mlp=True (experts are gated MLPs)")
+            if not float(self.moe_capacity_factor) > 0:
+                bad(f"ModelConfig.moe_capacity_factor must be positive, got {self.moe_capacity_factor}")
         for field in ("dropout", "attention_dropout"):
             rate = getattr(self, field)
             if not 0.0 <= float(rate) < 1.0:
@@ -183,7 +236,11 @@ class ModelConfig:
         if self.out_bias:
             attn += d
         mlp = (3 if self.gated_mlp else 2) * d * f + ((f * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0)
-        total = l * (attn + mlp + 2 * ln) + v * d
+        if self.num_experts:
+            mlp = self.num_experts * 3 * d * self.expert_size + d * self.num_experts
+        if self.qk_norm:
+            attn += 2 * hd
+        total = l * (attn + mlp + (4 if self.sandwich_norm else 2) * ln) + v * d
         if self.position_embedding == "learned":
             total += self.max_position_embeddings * d
         total += self.type_vocab_size * d
@@ -219,6 +276,15 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     )
     family["qwen2"] = dict(family["llama"], model_type="qwen2", qkv_bias=True, rope_theta=1e6)
     family["mistral"] = dict(family["llama"], model_type="mistral")
+    family["qwen3"] = dict(family["llama"], model_type="qwen3", qk_norm=True, rope_theta=1e6)
+    family["phi3"] = dict(family["llama"], model_type="phi3", norm_eps=1e-5)
+    family["gemma2"] = dict(family["llama"], model_type="gemma2", activation="gelu_new", norm_offset=True,
+                            sandwich_norm=True, embedding_scale=True, tie_word_embeddings=True)
+    family["gemma3_text"] = dict(family["gemma2"], model_type="gemma3_text", qk_norm=True)
+    family["mixtral"] = dict(family["llama"], model_type="mixtral", num_experts=8, num_experts_per_tok=2,
+                             router_aux_loss_coef=0.02)
+    family["qwen3_moe"] = dict(family["qwen3"], model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2,
+                               router_aux_loss_coef=0.001)
     if name not in family:
         raise ConfigError(f"unknown model_type {name!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return ModelConfig(**{**family[name], **overrides})

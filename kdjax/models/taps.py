@@ -17,6 +17,8 @@ query                  [n, B, S, H, d]             projected queries (after RoPE
 key / value            [n, B, S, K, d]             projected keys (after RoPE) / values
 attention_context      [n, B, S, H, d]             per-head attention outputs before the out proj
 ffn_output             [n, B, S, D]                output of the feed-forward block (pre-residual)
+router_logits          [n, B, S, E]                mixture-of-experts router logits (E experts);
+                                                   None for a dense model
 logits                 [B, S, V] or [B, C]         head output
 =====================  ==========================  =============================================
 
@@ -34,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 LAYER_KINDS = ("attention_scores", "attention_probs", "query", "key", "value", "attention_context",
-                              "ffn_output")
+                              "ffn_output", "router_logits")
 TAP_KINDS = ("embeddings", "hidden_states") + LAYER_KINDS + ("logits",)
 
 
@@ -78,6 +80,10 @@ class FfnOutputTap(Tap):
     pass
 
 
+class RouterLogitsTap(Tap):
+    pass
+
+
 class LogitsTap(Tap):
     pass
 
@@ -92,6 +98,7 @@ TAP_TYPES: dict[str, type[Tap]] = {
         "value": ValueTap,
         "attention_context": AttentionContextTap,
         "ffn_output": FfnOutputTap,
+        "router_logits": RouterLogitsTap,
         "logits": LogitsTap,
 }
 
@@ -176,6 +183,7 @@ class Intermediates:
     value: Optional[jax.Array] = None
     attention_context: Optional[jax.Array] = None
     ffn_output: Optional[jax.Array] = None
+    router_logits: Optional[jax.Array] = None
     logits: Optional[jax.Array] = None
     layers: tuple = dataclasses.field(default=(), metadata=dict(static=True))
 

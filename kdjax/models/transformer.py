@@ -1,4 +1,4 @@
-"""One Flax NNX transformer for the BERT, RoBERTa, GPT-2, Llama, Qwen2 and Mistral families.
+"""One Flax NNX transformer for every kdjax family (BERT ... Gemma, Phi-3, Mixtral; see kdjax.hub.families).
 
 The layer stack is stored stacked (a leading `layers` axis on every block parameter) whether it runs
 scanned or unrolled, so checkpoints, sharding rules and student initialization see one layout.
@@ -54,17 +54,22 @@ def _dense(config: ModelConfig, din: int, dout: int, bias: bool, rngs: nnx.Rngs)
 
 
 class RMSNorm(nnx.Module):
-    """Llama-style RMSNorm: normalize in float32, then scale in the compute dtype."""
+    """Llama-style RMSNorm: normalize in float32, then scale in the compute dtype.
 
-    def __init__(self, dim: int, eps: float, dtype, param_dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+    With `offset` (Gemma) the scale is `1 + w` and `w` starts at zero.
+    """
+
+    def __init__(self, dim: int, eps: float, dtype, param_dtype, offset: bool = False):
+        self.scale = nnx.Param((jnp.zeros if offset else jnp.ones)((dim,), param_dtype))
         self.eps = eps
         self.dtype = dtype
+        self.offset = offset
 
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (self.scale[...].astype(jnp.float32) * y).astype(self.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        return ((1.0 + scale if self.offset else scale) * y).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -84,9 +89,18 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def make_norm(config: ModelConfig):
-    cls = RMSNorm if config.norm == "rmsnorm" else LayerNorm
-    return cls(config.hidden_size, config.norm_eps, config.compute_dtype, config.params_dtype)
+def make_norm(config: ModelConfig, dim: Optional[int] = None):
+    dim = dim or config.hidden_size
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, config.norm_eps, config.compute_dtype, config.params_dtype, config.norm_offset)
+    return LayerNorm(dim, config.norm_eps, config.compute_dtype, config.params_dtype)
+
+
+def softcap(x: Array, cap: Optional[float]) -> Array:
+    """`cap * tanh(x / cap)` (Gemma 2's soft-capping), identity without a cap."""
+    if not cap:
+        return x
+    return jnp.tanh(x / cap) * cap
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarray:
@@ -164,6 +178,8 @@ class Attention(nnx.Module):
         self.k = _dense(c, d, kv * hd, c.qkv_bias, rngs)
         self.v = _dense(c, d, kv * hd, c.qkv_bias, rngs)
         self.o = _dense(c, h * hd, d, c.out_bias, rngs)
+        self.q_norm = nnx.data(make_norm(c, hd) if c.qk_norm else None)
+        self.k_norm = nnx.data(make_norm(c, hd) if c.qk_norm else None)
         self.config = c
 
     def __call__(self, x: Array, bias_bqk: Array, rope: Optional[tuple[Array, Array]], kinds: frozenset,
@@ -174,13 +190,16 @@ class Attention(nnx.Module):
         q = self.q(x).reshape(b, s, h, hd)
         k = self.k(x).reshape(b, s, kv, hd)
         v = self.v(x).reshape(b, s, kv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         rep = h // kv
         k_full = jnp.repeat(k, rep, axis=2) if rep > 1 else k
         v_full = jnp.repeat(v, rep, axis=2) if rep > 1 else v
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_full, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / float(hd) ** 0.5)
+        scores = scores * (1.0 / float(c.query_pre_attn_scalar or hd) ** 0.5)
+        scores = softcap(scores, c.attn_logit_softcap)
         scores = jnp.where(bias_bqk[:, None], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1)
         # The tapped probabilities stay undropped (they are what distillation compares); the context
@@ -215,22 +234,44 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """One transformer layer, post-LN (BERT) or pre-LN (GPT-2/Llama) by config."""
+    """One transformer layer, post-LN (BERT) or pre-LN (GPT-2/Llama) by config.
+
+    Gemma's sandwich norms add `attn_post_norm` / `mlp_post_norm` on each branch before its residual add;
+    a mixture-of-experts config replaces the MLP by `moe` (kdjax.models.moe).
+    """
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        from kdjax.models.moe import MoE  # the MoE module builds on this file's helpers
+
         self.attn = Attention(config, rngs)
         self.attn_norm = make_norm(config)
-        self.mlp = MLP(config, rngs)
+        self.mlp = nnx.data(None if config.num_experts else MLP(config, rngs))
+        self.moe = nnx.data(MoE(config, rngs) if config.num_experts else None)
         self.mlp_norm = make_norm(config)
+        self.attn_post_norm = nnx.data(make_norm(config) if config.sandwich_norm else None)
+        self.mlp_post_norm = nnx.data(make_norm(config) if config.sandwich_norm else None)
         self.pre_norm = config.pre_norm
         self.rate = config.dropout
 
+    def _ffn(self, x: Array, taps: dict, kinds: frozenset) -> Array:
+        if self.moe is None:
+            return self.mlp(x)
+        out, router_logits = self.moe(x)
+        if "router_logits" in kinds:
+            taps["router_logits"] = router_logits
+        return out
+
     def __call__(self, h: Array, bias_bqk: Array, rope, kinds: frozenset, dropout_key: Optional[Array] = None):
         keys = (None,) * 3 if dropout_key is None else tuple(jax.random.split(dropout_key, 3))
-        if self.pre_norm:
+        if self.attn_post_norm is not None:
+            a, taps = self.attn(self.attn_norm(h), bias_bqk, rope, kinds, keys[0])
+            h = h + dropout(self.attn_post_norm(a), self.rate, keys[1])
+            f = self.mlp_post_norm(self._ffn(self.mlp_norm(h), taps, kinds))
+            h = h + dropout(f, self.rate, keys[2])
+        elif self.pre_norm:
             a, taps = self.attn(self.attn_norm(h), bias_bqk, rope, kinds, keys[0])
             h = h + dropout(a, self.rate, keys[1])
-            f = self.mlp(self.mlp_norm(h))
+            f = self._ffn(self.mlp_norm(h), taps, kinds)
             h = h + dropout(f, self.rate, keys[2])
         else:
             a, taps = self.attn(h, bias_bqk, rope, kinds, keys[0])
@@ -252,9 +293,13 @@ class Embeddings(nnx.Module):
                                                   if c.position_embedding == "learned" else None)
         self.token_type = nnx.data(nnx.Embed(c.type_vocab_size, c.hidden_size, **kw) if c.type_vocab_size else None)
         self.norm = nnx.data(make_norm(c) if c.embedding_norm else None)
+        # Gemma scales the embeddings by sqrt(hidden), rounded to the parameter dtype as HF does.
+        self.scale = float(np.asarray(c.hidden_size ** 0.5, c.params_dtype)) if c.embedding_scale else None
 
     def __call__(self, input_ids: Array, position_ids: Array, token_type_ids: Optional[Array]) -> Array:
         h = self.word(input_ids)
+        if self.scale is not None:
+            h = h * jnp.asarray(self.scale, h.dtype)
         if self.token_type is not None:  # summed in HF's order so fp32 rounding matches
             tt = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
             h = h + self.token_type(tt)
@@ -373,7 +418,7 @@ class Transformer(nnx.Module):
             q = jnp.arange(s)[:, None]
             k = jnp.arange(s)[None, :]
             causal = k <= q
-            if c.sliding_window:
+            if c.sliding_window and not c.per_layer_attention:
                 causal = causal & (q - k < c.sliding_window)
             allowed = allowed & causal[None]
         return allowed
@@ -395,7 +440,7 @@ class Transformer(nnx.Module):
             logits = head_projection(h, self.embed.word.embedding[...], self.embed.word.dtype, vocab_major=True)
         if c.head == "mlm":
             logits = logits + self.mlm_bias[...].astype(logits.dtype)
-        return logits
+        return softcap(logits, c.final_logit_softcap)
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
                               token_type_ids: Optional[Array] = None, position_ids: Optional[Array] = None,
@@ -421,11 +466,15 @@ class Transformer(nnx.Module):
         if "embeddings" in resolved:
             self.sow(TAP_TYPES["embeddings"], "embeddings", h)
         rope = rope_tables(positions, c.dim_per_head, c.rope_theta, c.rope_scaling) if c.position_embedding == "rope" else None
+        if c.per_layer_attention and rope is not None and c.rope_local_theta is not None:
+            rope = (rope, rope_tables(positions, c.dim_per_head, c.rope_local_theta))
         allowed = self._attention_mask(attention_mask)
 
-        layer_kinds = frozenset(k for k in resolved if k in LAYER_KINDS)
+        # A dense model has no router: a `router_logits` request records nothing (the tap stays None), so
+        # one tap set (e.g. every kind) serves dense and MoE models alike.
+        layer_kinds = frozenset(k for k in resolved if k in LAYER_KINDS and (k != "router_logits" or c.num_experts))
         want_hidden = "hidden_states" in resolved
-        block_hook = None if hooks is None or hooks.block is None else (hooks.block, BlockContext(allowed, rope))
+        block_hook = None if hooks is None else hooks.block
         h_last, stacked = self._run_layers(h, allowed, rope, layer_kinds, want_hidden, resolved, layer_keys,
                                            block_hook)
         if self.final_norm is not None:
@@ -465,19 +514,48 @@ class Transformer(nnx.Module):
             self.sow(TAP_TYPES["logits"], "logits", out.logits)
         return out
 
+    def _layer_plan(self):
+        """Per-layer (window, is_local) arrays for layers that differ (Gemma's local/global), else None.
+
+        They travel through the scan with the stacked parameters, so a local and a global layer share
+        one compiled body: the window becomes a mask term, the local flag picks the RoPE table.
+        """
+        c = self.config
+        if not c.per_layer_attention:
+            return None
+        local = np.array([t == "sliding_attention" for t in c.layer_types])
+        window = np.where(local, int(c.sliding_window), np.iinfo(np.int32).max).astype(np.int32)
+        return jnp.asarray(window), jnp.asarray(local)
+
+    def _layer_inputs(self, allowed, rope, plan):
+        """The mask and RoPE tables one layer sees, given its entry of `_layer_plan` (or None)."""
+        if plan is None:
+            return allowed, rope
+        window, local = plan
+        s = allowed.shape[-1]
+        q = jnp.arange(s)[:, None]
+        k = jnp.arange(s)[None, :]
+        allowed = allowed & ((q - k) < window)[None]
+        if rope is not None and isinstance(rope[0], tuple):
+            (cos_g, sin_g), (cos_l, sin_l) = rope
+            rope = (jnp.where(local, cos_l, cos_g), jnp.where(local, sin_l, sin_g))
+        return allowed, rope
+
     def _run_layers(self, h, allowed, rope, layer_kinds, want_hidden, resolved, layer_keys=None, block_hook=None):
         c = self.config
         graphdef, state = nnx.split(self.layers)
+        plan = self._layer_plan()
 
         def body(carry, xs):
             if block_hook is None:
-                layer_state, key = xs
+                layer_state, key, layer_plan = xs
             else:
-                layer_state, key, index = xs
+                layer_state, key, layer_plan, index = xs
             layer = nnx.merge(graphdef, layer_state)
-            new_h, taps = layer(carry, allowed, rope, layer_kinds, key)
+            layer_allowed, layer_rope = self._layer_inputs(allowed, rope, layer_plan)
+            new_h, taps = layer(carry, layer_allowed, layer_rope, layer_kinds, key)
             if block_hook is not None:
-                new_h = block_hook[0](index, carry, new_h, block_hook[1])
+                new_h = block_hook(index, carry, new_h, BlockContext(layer_allowed, layer_rope))
             new_h = activations.constrain(new_h)
             if want_hidden:
                 taps["_all_hidden"] = new_h
@@ -487,7 +565,7 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
 
         if c.scan_layers:
-            xs = (state, layer_keys) if block_hook is None else (state, layer_keys, jnp.arange(c.num_layers))
+            xs = (state, layer_keys, plan) if block_hook is None else (state, layer_keys, plan, jnp.arange(c.num_layers))
             h, stacked = jax.lax.scan(body, h, xs)
             stacked = dict(stacked)
             if want_hidden:
@@ -499,7 +577,8 @@ class Transformer(nnx.Module):
         hidden = [h]
         for i in range(c.num_layers):
             layer_state = jax.tree.map(lambda x: x[i], state)
-            xs = (layer_state, None if layer_keys is None else layer_keys[i])
+            layer_plan = None if plan is None else tuple(x[i] for x in plan)
+            xs = (layer_state, None if layer_keys is None else layer_keys[i], layer_plan)
             h, taps = body(h, xs if block_hook is None else xs + (i,))
             for kind in layer_kinds:
                 if i in resolved[kind]:
