@@ -252,7 +252,8 @@ def model_config(spec: Mapping[str, Any], what: str) -> ModelConfig:
                         "dict(model_type='llama', num_layers=80, hidden_size=10240, ...)")
     family = fields.pop("model_type", None)
     if family is None:
-        raise PlanError(f"{what} has no model_type; add model_type='llama' (or bert, roberta, gpt2, qwen2, mistral)")
+        raise PlanError(f"{what} has no model_type; add model_type='llama' (or any family in "
+                        "kdjax.hub.families, e.g. qwen3, gemma2, mixtral)")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
