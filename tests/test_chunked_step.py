@@ -292,3 +292,12 @@ def test_vocab_map_applies_to_each_teacher_chunk():
     chunked, full = both(params)
     assert float(full) > 1e-2
     np.testing.assert_allclose(chunked, full, rtol=TOL, atol=TOL)
+
+
+def test_chunking_a_soft_capped_head_is_refused():
+    """Gemma 2 soft-caps its final logits; the chunked head is linear, so chunking it would drop the cap."""
+    capped = preset("gemma2", vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                          intermediate_size=32, head="causal_lm", final_logit_softcap=30.0)
+    term = build_method("kd", dict(alpha=1.0, temperature=2.0, chunk_size=4)).stages[0].terms[0]
+    with pytest.raises(MethodError, match="soft-caps"):
+        terms_lib.validate_terms([term], capped, capped)

@@ -58,6 +58,9 @@ def lm_head(graphdef, params) -> LinearHead:
     if c.head not in LM_HEADS:
         raise MethodError(f"chunked logit terms need an LM head ('mlm' or 'causal_lm'), got a '{c.head}' model; "
                           "drop chunk_size for this term")
+    if c.final_logit_softcap:
+        raise MethodError(f"chunked logit terms recompute a linear LM head, but this {c.model_type} model soft-caps "
+                          f"its logits (final_logit_softcap={c.final_logit_softcap}); drop chunk_size for this term")
     pre = model.mlm_features if c.head == "mlm" else None
     bias = model.mlm_bias[...] if c.head == "mlm" else None
     if model.decoder is not None:
@@ -175,6 +178,10 @@ def validate_terms(terms: Sequence[Term], student: ModelConfig, teacher: ModelCo
             if chunk is not None:
                 if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
                     raise MethodError(f"term {term.name!r}: chunk_size must be a positive integer, got {chunk!r}")
+                capped = [c.model_type for c in (student, teacher) if c.final_logit_softcap]
+                if capped:
+                    raise MethodError(f"term {term.name!r}: chunk_size recomputes a linear LM head, but the "
+                                      f"{capped[0]} model soft-caps its logits; drop chunk_size for this term")
                 if not spec.chunkable or student.head not in LM_HEADS:
                     raise MethodError(f"term {term.name!r}: chunk_size applies to 'divergence' terms of LM heads "
                                       f"(mlm, causal_lm), not {term.fn} on a '{student.head}' head; drop chunk_size")
