@@ -31,6 +31,7 @@ CASES = {
     "annealing_kd": dict(),
     "continuation_kd": dict(),
     "alp_kd": dict(),
+    "sid": dict(),
 }
 
 
