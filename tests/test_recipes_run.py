@@ -27,6 +27,11 @@ CASES = {
     "minillm": dict(teacher="causal_lm", task="kdjax_corpus", pack=True),
     "distillm": dict(teacher="causal_lm", task="kdjax_corpus", pack=True),
     "gkd": dict(teacher="causal_lm", task="kdjax_corpus", pack=True),
+    "rail_kd": dict(method_args={"u": 16, "steps_per_epoch": 1}),
+    "annealing_kd": dict(),
+    "continuation_kd": dict(),
+    "alp_kd": dict(),
+    "sid": dict(),
 }
 
 
