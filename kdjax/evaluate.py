@@ -526,7 +526,7 @@ def load_config_file(spec: str):
 def restore_run_student(config, checkpoint: str):
     """(student Model, teacher Model) of a run restored from the latest checkpoint under `checkpoint`."""
     from kdjax.distill import Distillation
-    from kdjax.distill.trainer import Checkpointer
+    from kdjax.distill.checkpoints import Checkpointer
 
     directory = checkpoint if os.path.basename(os.path.normpath(checkpoint)) == "checkpoints" else os.path.join(
         checkpoint, "checkpoints")
