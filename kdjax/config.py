@@ -110,7 +110,7 @@ def _teacher(path=""):
 
 def _data_source(**defaults):
     fields = {
-        "task": Field(str, None, doc="a registered task (kdjax.data.tasks)"),
+        "task": Field(str, None, none_ok=True, doc="a registered task (kdjax.data.tasks)"),
         "path": Field(str, None, doc="a local .txt/.jsonl/.csv file"),
         "format": Field(str, None, choices=("txt", "text", "jsonl", "csv")),
         "text_fields": Field(tuple, ("text",)),
@@ -296,6 +296,8 @@ def get(config, path: str, fallback: Any = ...):
             field = schema_at(parts)
             if isinstance(field, Field):
                 return field.default
+            if isinstance(field, Section):
+                return None  # an absent section reads as empty (`as_dict(None) == {}`)
             if fallback is not ...:
                 return fallback
             raise KeyError(f"config field {path} is not set and has no default")

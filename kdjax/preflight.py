@@ -321,8 +321,20 @@ def check_workdir(workdir: str) -> None:
         probe = parent
     if not os.path.isdir(probe):
         raise InputError(f"--workdir={workdir}: {probe} is a file, so the workdir cannot be created")
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if not os.access(probe, os.W_OK | os.X_OK) or not _can_create_in(probe):
         raise InputError(f"--workdir={workdir}: {probe} is not writable; choose a writable directory")
+
+
+def _can_create_in(folder: str) -> bool:
+    """Whether a file can be created in `folder` (tried, then removed: permission bits lie to root)."""
+    import tempfile
+    try:
+        fd, path = tempfile.mkstemp(dir=folder, prefix=".kdjax-probe-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(path)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
