@@ -62,34 +62,39 @@ class _Evil:
         return (os.system, ("echo pwned",))
 
 
+#: config.json of a 4-layer BERT classifier with 3 labels and 128 positions (as `tiny_teacher()` writes).
+FAKE_CONFIG = {"model_type": "bert", "architectures": ["BertForSequenceClassification"], "vocab_size": 30522,
+               "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 64,
+               "max_position_embeddings": 128, "type_vocab_size": 2, "id2label": {str(i): f"L{i}" for i in range(3)}}
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
+    """Model directories and data files, good and bad, written without jax: every row refused before
+    the weights are read needs only a directory that passes the header checks."""
+    from safetensors.numpy import save_file
     root = tmp_path_factory.mktemp("inputs")
-    teacher = save_teacher(tiny_teacher(), str(root / "teacher"))  # 3 labels, 128 positions
-    d = {"teacher": teacher}
+    d = {"teacher": str(root / "teacher")}
+    os.makedirs(d["teacher"])
+    with open(os.path.join(d["teacher"], "config.json"), "w") as f:
+        json.dump(FAKE_CONFIG, f)
+    save_file({"bert.embeddings.word_embeddings.weight": np.zeros((8, 4), np.float32)},
+              os.path.join(d["teacher"], "model.safetensors"), metadata={"format": "pt"})
     d["empty_dir"] = str(root / "empty_dir")
     os.makedirs(d["empty_dir"])
     d["a_file"] = str(root / "a_file.txt")
     with open(d["a_file"], "w") as f:
         f.write("not a model\n")
-    d["truncated"] = shutil.copytree(teacher, str(root / "truncated"))
+    d["truncated"] = shutil.copytree(d["teacher"], str(root / "truncated"))
     weights = os.path.join(d["truncated"], "model.safetensors")
     with open(weights, "r+b") as f:
-        f.truncate(os.path.getsize(weights) // 2)
+        f.truncate(os.path.getsize(weights) - 40)
     d["pickle"] = str(root / "pickle")
     os.makedirs(d["pickle"])
-    shutil.copy(os.path.join(teacher, "config.json"), d["pickle"])
+    shutil.copy(os.path.join(d["teacher"], "config.json"), d["pickle"])
     with open(os.path.join(d["pickle"], "pytorch_model.bin"), "wb") as f:
         pickle.dump({"bert.embeddings.word_embeddings.weight": _Evil(), "when": datetime.date(2020, 1, 1)}, f,
                     protocol=2)
-    from safetensors.numpy import load_file, save_file
-    d["nan"] = shutil.copytree(teacher, str(root / "nan"))
-    tensors = load_file(os.path.join(d["nan"], "model.safetensors"))
-    name = sorted(k for k in tensors if k.endswith("attention.self.query.weight"))[0]
-    tensors[name] = tensors[name].copy()
-    tensors[name][0, 0] = np.nan
-    save_file(tensors, os.path.join(d["nan"], "model.safetensors"), metadata={"format": "pt"})
-    d["nan_param"] = name
     files = {"unlabeled.txt": "a sentence\nanother sentence\n" * 20, "empty.txt": "",
              "nolabel.csv": "text,other\nhello,1\nworld,2\n", "label7.csv": "text,label\nhello,1\nworld,7\n",
              "bad.jsonl": '{"text": "ok", "label": 1}\n{"text": broken\n'}
@@ -98,6 +103,23 @@ def inputs(tmp_path_factory):
         d[key] = str(root / fname)
         with open(d[key], "w") as f:
             f.write(text)
+    return d
+
+
+@pytest.fixture(scope="module")
+def real(inputs, tmp_path_factory):
+    """A real tiny teacher (with the MiniLM tokenizer) and a copy holding one NaN weight."""
+    from safetensors.numpy import load_file, save_file
+    root = tmp_path_factory.mktemp("real")
+    d = dict(inputs)
+    d["teacher"] = save_teacher(tiny_teacher(), str(root / "teacher"))
+    d["nan"] = shutil.copytree(d["teacher"], str(root / "nan"))
+    tensors = load_file(os.path.join(d["nan"], "model.safetensors"))
+    name = sorted(k for k in tensors if k.endswith("attention.self.query.weight"))[0]
+    tensors[name] = tensors[name].copy()
+    tensors[name][0, 0] = np.nan
+    save_file(tensors, os.path.join(d["nan"], "model.safetensors"), metadata={"format": "pt"})
+    d["nan_param"] = name
     return d
 
 
@@ -181,9 +203,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_changes_nothing(case, inputs, tmp_path):
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c[3] == "model" else [])
+                                  for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(case, request, tmp_path):
     name, args, words, kind = case
+    inputs = request.getfixturevalue("real" if kind == "model" else "inputs")
     workdir = tmp_path / "wd"
     workdir.mkdir()
     (workdir / "notes.txt").write_text("kept as is\n")
@@ -245,12 +269,14 @@ def test_bad_workdir_is_one_line(case, inputs, tmp_path):
 EVALUATE_CASES = [
     ("model_missing", ["--model=/no/such/model"], ["does not exist"]),
     ("model_truncated", ["--model={truncated}"], ["truncated"]),
-    ("batch_size_zero", ["--model={teacher}", "--batch_size=0"], ["batch_size"]),
-    ("unknown_task", ["--model={teacher}", "--task=no_such_task"], ["unknown task 'no_such_task'"]),
+    pytest.param(("batch_size_zero", ["--model={teacher}", "--batch_size=0"], ["batch_size"]), marks=pytest.mark.slow),
+    pytest.param(("unknown_task", ["--model={teacher}", "--task=no_such_task"], ["unknown task 'no_such_task'"]),
+                 marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("case", EVALUATE_CASES, ids=[c[0] for c in EVALUATE_CASES])
+@pytest.mark.parametrize("case", EVALUATE_CASES, ids=["model_missing", "model_truncated", "batch_size_zero",
+                                                      "unknown_task"])
 def test_evaluate_bad_input_is_one_line(case, inputs):
     name, args, words = case
     r = _cli(*[a.format(**inputs) for a in args], module="kdjax.evaluate")
@@ -433,7 +459,8 @@ def test_partial_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_nan_loss_leaves_only_finite_checkpoints(inputs, tmp_path):
+def test_nan_loss_leaves_only_finite_checkpoints(real, tmp_path):
+    inputs = real
     from kdjax.distill import Distillation
     from kdjax.distill.checkpoints import Checkpointer, non_finite_leaves
     from kdjax.distill.trainer import NonFiniteLossError
@@ -451,7 +478,8 @@ def test_nan_loss_leaves_only_finite_checkpoints(inputs, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigint_saves_a_checkpoint_and_exits_130(inputs, tmp_path):
+def test_sigint_saves_a_checkpoint_and_exits_130(real, tmp_path):
+    inputs = real
     workdir = str(tmp_path / "wd")
     proc = _cli(f"--config={TINY}:steps=400", f"--workdir={workdir}", f"--config.teacher.path={inputs['teacher']}",
                 "--config.train.checkpoint_every=1000", "--config.train.log_every=1", wait=False)
@@ -474,9 +502,10 @@ def test_sigint_saves_a_checkpoint_and_exits_130(inputs, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_survives_stale_lock_partial_log_and_corrupt_checkpoint(inputs, tmp_path):
+def test_resume_survives_stale_lock_partial_log_and_corrupt_checkpoint(real, tmp_path):
     """A killed run leaves a lock, a half-written metrics line and a damaged newest checkpoint: the
     rerun takes the lock over, drops the line, falls back one checkpoint and finishes."""
+    inputs = real
     workdir = str(tmp_path / "wd")
     args = [f"--config={TINY}:steps=6", f"--workdir={workdir}", f"--config.teacher.path={inputs['teacher']}",
             "--config.train.async_checkpointing=False"]

@@ -236,6 +236,7 @@ class Loop:
     tokens_seen: int = 0
     history: list = dataclasses.field(default_factory=list)
     stop: Optional[str] = None  # "max_steps" or "SIGINT"
+    last_saved: Optional[int] = None  # global step of the last checkpoint this process wrote
     resumed_meta: Optional[dict] = None
 
     @property
@@ -352,6 +353,7 @@ class CheckpointHook(Hook):
             meta["run"] = loop.run.host_state()
         try:
             loop.ckpt.save(loop.global_step, loop.state, meta)
+            loop.last_saved = loop.global_step
         except NonFiniteStateError as e:
             last_good = loop.ckpt.latest()
             raise NonFiniteLossError(f"{e}; stopped; last good checkpoint: "
@@ -425,14 +427,18 @@ def _restore(loop: Loop, hooks: list) -> tuple[int, int, Any, Any]:
 
 def _next_batch(loop: Loop, *, mlm_prob: float, tokenizer, seed: int) -> dict:
     """The host batch of the next step: masked for MLM if configured, then `run.before_step` (outside jit)."""
-    batch = next(loop.iterator)
-    if mlm_prob and tokenizer is not None:
-        batch = mlm_mask(batch, probability=mlm_prob, mask_id=tokenizer.mask_token_id,
-                         vocab_size=loop.run.student.config.vocab_size, special_ids=tokenizer.all_special_ids,
-                         seed=seed * 1_000_003 + loop.global_step)
+    batch = _masked(loop.run, next(loop.iterator), loop.global_step, mlm_prob=mlm_prob, tokenizer=tokenizer, seed=seed)
     if hasattr(loop.run, "before_step"):
         batch = loop.run.before_step(loop.stage_index, loop.step_in_stage, batch)
     return batch
+
+
+def _masked(run, batch: dict, global_step: int, *, mlm_prob: float, tokenizer, seed: int) -> dict:
+    if not mlm_prob or tokenizer is None:
+        return batch
+    return mlm_mask(batch, probability=mlm_prob, mask_id=tokenizer.mask_token_id,
+                    vocab_size=run.student.config.vocab_size, special_ids=tokenizer.all_special_ids,
+                    seed=seed * 1_000_003 + global_step)
 
 
 def check_stage_batch(run, stage_index: int, batch: dict) -> None:
@@ -454,6 +460,11 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
     """
     get = lambda name: config_lib.get(run.config, name)  # noqa: E731
     seed, ckpt_every = int(get("train.seed")), int(get("train.checkpoint_every"))
+    data_kw = dict(mlm_prob=float(get("data.mlm_probability") or 0.0), seed=seed,
+                   tokenizer=next(iter(run.teachers.values()))[0].tokenizer or run.student.tokenizer)
+    if not hasattr(run, "before_step"):  # batches a method rewrites are its own to check
+        for i in range(run.num_stages):  # before anything is written or compiled
+            check_stage_batch(run, i, _masked(run, next(iter(make_stage_loader(run, i, seed=seed + i))), 0, **data_kw))
     fileio.makedirs(workdir)
     offsets = np.cumsum([0] + [run.stage_steps(i) for i in range(run.num_stages)])
     loop = Loop(run=run, workdir=workdir, total_steps=int(offsets[-1]), ckpt=Checkpointer(
@@ -467,8 +478,6 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
         progress if progress is not None else jax.process_index() == 0)]
     hooks.append(CheckpointHook(ckpt_every, hooks))  # last: saves what the other hooks have updated
     _log_parameters(run)
-    data_kw = dict(mlm_prob=float(get("data.mlm_probability") or 0.0), seed=seed,
-                   tokenizer=next(iter(run.teachers.values()))[0].tokenizer or run.student.tokenizer)
     loop.global_step = int(offsets[start_stage] + start_step)
     started = time.perf_counter()
     for h in hooks:
@@ -476,27 +485,16 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
     try:
         with _stop_on_sigint(loop):
             for stage_index in range(start_stage, run.num_stages):
-                runner = run.runner(stage_index)
-                fresh = stage_index != start_stage or state is None
-                loop.state = run.init_state(stage_index, params=None if loop.state is None else loop.state.params) \
-                    if fresh else state
-                loop.stage_index, loop.step_in_stage, loop.stage_steps = stage_index, 0 if fresh else start_step, runner.steps
-                loop.iterator = iter(make_stage_loader(run, stage_index, seed=seed + stage_index))
-                if not fresh and iterator_state is not None:
-                    from kdjax.data import pipeline
-                    loop.iterator.set_state(pipeline.decode_iterator_state(iterator_state))
+                resume = (start_step, state, iterator_state) if stage_index == start_stage and state is not None else None
+                runner = _enter_stage(loop, stage_index, resume, seed=seed + stage_index)
                 teacher_params = run.teacher_params(stage_index)
                 for h in hooks:
                     h.on_stage_start(loop)
-                checked = False
                 while loop.step_in_stage < runner.steps and loop.stop is None:
                     if max_steps is not None and loop.global_step >= max_steps:
                         loop.stop = "max_steps"
                         break
                     batch = _next_batch(loop, **data_kw)
-                    if not checked:
-                        check_stage_batch(run, stage_index, batch)
-                        checked = True
                     loop.tokens_seen += int(np.sum(batch["attention_mask"]))
                     loop.state, metrics = runner.step_fn(loop.state, teacher_params, run.prepare_batch(batch))
                     loop.step_in_stage += 1
@@ -504,7 +502,7 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
                     for h in hooks:
                         h.on_step(loop, metrics)
                 if loop.stop is not None:
-                    if loop.stop == "SIGINT" and loop.iterator is not None and loop.ckpt.latest() != loop.global_step:
+                    if loop.stop == "SIGINT" and loop.last_saved != loop.global_step:
                         hooks[-1].save(loop)  # Ctrl-C came after this step's hooks ran
                     break
                 for h in hooks:
@@ -518,6 +516,23 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
         return {"interrupted_at": loop.global_step, "signal": loop.stop, "history": loop.history}
     loop.ckpt.close()
     return _finish(run, loop, time.perf_counter() - started, export=export)
+
+
+def _enter_stage(loop: Loop, stage_index: int, resume, *, seed: int):
+    """Points `loop` at the start of a stage, or at `resume = (step, state, iterator state)` within it."""
+    run = loop.run
+    runner = run.runner(stage_index)
+    if resume is None:
+        params = None if loop.state is None else loop.state.params  # the previous stage's student
+        loop.state, loop.step_in_stage, iterator_state = run.init_state(stage_index, params=params), 0, None
+    else:
+        loop.step_in_stage, loop.state, iterator_state = resume
+    loop.stage_index, loop.stage_steps = stage_index, runner.steps
+    loop.iterator = iter(make_stage_loader(run, stage_index, seed=seed))
+    if iterator_state is not None:
+        from kdjax.data import pipeline
+        loop.iterator.set_state(pipeline.decode_iterator_state(iterator_state))
+    return runner
 
 
 def _log_parameters(run) -> None:
