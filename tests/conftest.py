@@ -25,6 +25,9 @@ SLOW_TESTS = {
                         "test_projection_is_trained_and_not_exported", "test_multi_teacher_ensemble_weights",
                         "test_nan_loss_stops_and_keeps_last_good_checkpoint",
                         "test_sigkill_then_rerun_resumes_to_identical_metrics", "test_bf16_teacher_runs_in_the_step"},
+    "test_evaluate.py": {"test_cli_evaluates_a_run_from_config_and_checkpoint", "test_cli_task_mode_prints_metrics_json"},
+    "test_benchmark_latency.py": {"test_cli_prints_both_batch_sizes_and_json_is_consistent",
+                                  "test_real_teacher_against_two_layer_student"},
 }
 
 
