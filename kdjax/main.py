@@ -9,7 +9,6 @@ saves a checkpoint and exits with status 130.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys

@@ -151,20 +151,16 @@ class Workdir:
             except FileNotFoundError:
                 pass
             self._locked = False
-        if not failed:
-            return
-        if not self.existed and not self.remote and not os.path.isdir(os.path.join(self.path, "checkpoints", "")):
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        if not self.existed and not self.remote and not _has_checkpoint(self.path):
+        if not failed or self.remote or _has_checkpoint(self.path):
+            return  # a run that saved a checkpoint keeps its workdir, to resume from
+        if not self.existed:
             shutil.rmtree(self.path, ignore_errors=True)
             return
         for path in self._created:
-            if not self.remote and not _has_checkpoint(self.path):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 def _has_checkpoint(path: str) -> bool:
