@@ -8,7 +8,7 @@ export JAX_PLATFORMS ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install install-test quickstart test bench plan clean
+.PHONY: install install-test quickstart test test-fast bench plan clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ quickstart: $(VENV)/.deps
 
 test: $(VENV)/.test-deps
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# The inner loop: everything but the end-to-end runs, notebooks, AOT plans and reference parity tests
+# (marked `slow`, see tests/conftest.py). `make test` and CI run them all.
+test-fast: $(VENV)/.test-deps
+	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.deps
 	$(BIN)/python benchmarks/step.py

@@ -51,7 +51,7 @@ def get_config(arg=None):
         c.student.num_layers = 3
         c.student.layers = (1, 3, 5)
         c.method = "tinybert"
-        c.method_args = dict(general=False)
+        c.method_args = dict(tinybert=dict(general=False))
         lr = 1e-4
     c.data.train.task = spec.name
     c.data.train.max_length = args.max_length

@@ -58,14 +58,14 @@ def get_config(arg=None):
     c.student.rules = dict(vocab="tensor")  # on top of DEFAULT_STUDENT_RULES (embed->fsdp)
     if args.method == "minillm":
         c.method = "minillm"
-        c.method_args = dict()
+        c.method_args = dict(minillm=dict())
     elif args.method == "kd":
         c.method = "kd"
-        c.method_args = dict(alpha=1.0, temperature=1.0)
+        c.method_args = dict(kd=dict(alpha=1.0, temperature=1.0))
     else:
         raise ValueError(f"scale_100b: method={args.method!r} is not one of minillm, kd")
     if args.chunk:
-        c.method_args = dict(c.method_args, chunk_size=args.chunk)
+        c.method_args[c.method] = dict(c.method_args[c.method], chunk_size=args.chunk)
     c.data.train = dict(task="kdjax_corpus", max_length=args.seq, batch_size=args.batch, pack=True, data_dir=None)
     c.train.steps = 10000
     c.train.learning_rate = 3e-4

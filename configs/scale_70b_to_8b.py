@@ -38,9 +38,9 @@ def get_config(arg=None):
     c.student.rules = {name: axes for name, axes in sharding.DEFAULT_TEACHER_RULES
                        if name in sharding.WEIGHT_AXES}
     c.method = "gkd"
-    c.method_args = dict(beta=0.5)
+    c.method_args = dict(gkd=dict(beta=0.5))
     if args.chunk:  # JSD over sequence chunks of `chunk` positions, LM heads recomputed per chunk
-        c.method_args.chunk_size = args.chunk
+        c.method_args.gkd.chunk_size = args.chunk
     c.data.train = dict(task="kdjax_corpus", max_length=args.seq, batch_size=args.batch, pack=True, data_dir=None)
     c.train.steps = 20000
     c.train.learning_rate = 1e-4

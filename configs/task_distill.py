@@ -21,9 +21,9 @@ def get_config(arg=None):
     c.student.layers = (1, 3, 5)
     c.method = args.method
     if args.method == "tinybert":
-        c.method_args = dict(general=False)
+        c.method_args = dict(tinybert=dict(general=False))
     elif args.method == "kd":
-        c.method_args = dict(alpha=0.5, temperature=4.0)
+        c.method_args = dict(kd=dict(alpha=0.5, temperature=4.0))
     c.data.train.task = args.task
     c.data.train.max_length = args.max_length
     c.data.train.batch_size = args.batch

@@ -1,11 +1,31 @@
-"""kdjax: knowledge distillation of transformer language models in JAX/Flax NNX."""
+"""kdjax: knowledge distillation of transformer language models in JAX/Flax NNX.
 
-from kdjax.generate import GenerateOutput, generate, generate_fn
-from kdjax.hub import CheckpointError, Model, load_pretrained, save_pretrained
-from kdjax.models import ModelConfig, TapSpec, preset
-from kdjax.students import student_from
+The public names below are imported on first use, so `python -m kdjax.main` can check its config,
+workdir and inputs (and refuse bad ones) before jax is imported.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "CheckpointError": "kdjax.hub", "Model": "kdjax.hub", "load_pretrained": "kdjax.hub",
+    "save_pretrained": "kdjax.hub", "ModelConfig": "kdjax.models", "TapSpec": "kdjax.models",
+    "preset": "kdjax.models", "student_from": "kdjax.students",
+    "generate": "kdjax.generation", "generate_fn": "kdjax.generation", "GenerateOutput": "kdjax.generation",
+}
+
 __all__ = ["CheckpointError", "GenerateOutput", "Model", "ModelConfig", "TapSpec", "generate", "generate_fn",
            "load_pretrained", "preset", "save_pretrained", "student_from", "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kdjax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

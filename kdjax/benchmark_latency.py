@@ -16,7 +16,7 @@ Prints a Markdown table (median and p90 milliseconds per batch, sequences/s and 
 median, speedup) headed by the JAX backend and device kind; ``--json`` writes the same numbers plus
 the raw per-call times. Errors (a missing model path, a bad ``--batch_sizes`` list, a sequence
 longer than a model's position table) print one line ``error: ...`` on stderr and exit with status
-1; bad flags exit with status 2.
+2, as bad flags do (`kdjax.cli`).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def _run(fv) -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 1 bad input or load error, 2 bad flags)."""
+    """Command-line entry point; returns the exit status (0 ok, 2 bad flags or input, see `kdjax.cli`)."""
     from kdjax.cli import run_cli
 
     fv = _flag_values()

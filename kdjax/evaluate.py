@@ -24,7 +24,7 @@ Command line (absl flags; prints one JSON dict)::
     python -m kdjax.evaluate --model=STUDENT_DIR --teacher=TEACHER_DIR --sentences=embedded
 
 Errors (a missing directory, an unknown task, a model without the right head) print one line
-``error: ...`` on stderr and exit with status 1; bad flags exit with status 2.
+``error: ...`` on stderr and exit with status 2, as bad flags do (`kdjax.cli`).
 """
 
 from __future__ import annotations
@@ -526,7 +526,7 @@ def load_config_file(spec: str):
 def restore_run_student(config, checkpoint: str):
     """(student Model, teacher Model) of a run restored from the latest checkpoint under `checkpoint`."""
     from kdjax.distill import Distillation
-    from kdjax.distill.trainer import Checkpointer
+    from kdjax.distill.checkpoints import Checkpointer
 
     directory = checkpoint if os.path.basename(os.path.normpath(checkpoint)) == "checkpoints" else os.path.join(
         checkpoint, "checkpoints")
@@ -627,7 +627,7 @@ def _run(fv) -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 1 evaluation error, 2 bad flags)."""
+    """Command-line entry point; returns the exit status (0 ok, 2 bad flags or input, see `kdjax.cli`)."""
     from kdjax.cli import run_cli
 
     # Libraries (tfds preparing the embedded data, progress bars) print to stdout; run_cli keeps stdout

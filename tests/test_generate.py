@@ -19,7 +19,7 @@ from scipy import stats
 
 import kdjax
 from kdjax import sharding as S
-from kdjax.generate import GENERATE_MODEL_TYPES, generate_fn, sampling_logits
+from kdjax.generation import GENERATE_MODEL_TYPES, generate_fn, sampling_logits
 from kdjax.hub.api import abstract_model, flat_params
 from kdjax.models.config import SUPPORTED_MODEL_TYPES, preset
 from kdjax.models.transformer import extend_cache, init_cache, prefill_cache

@@ -22,7 +22,8 @@ from typing import Any, Optional
 import jax
 
 from kdjax import fileio
-from kdjax.distill.run import Distillation, _cfg_get
+from kdjax.config import cfg_get as _cfg_get
+from kdjax.distill.run import Distillation
 
 log = logging.getLogger("kdjax")
 

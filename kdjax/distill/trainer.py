@@ -1,34 +1,53 @@
 """The training loop: stages, data, logging, progress, orbax checkpoints and exact resume.
 
-A run's position is (stage, step within the stage). Every checkpoint stores the train state leaves
-(orbax, asynchronous, keep last N) together with the stage index and the data iterator state, so a
-killed run restarted with the same command continues with the same batches and RNG and ends with the
-same metrics as an uninterrupted one. A non-finite loss stops the run before anything is saved, names
-the offending terms, and leaves the last good checkpoint in place.
+A run's position is (stage, step within the stage). `fit` is a short loop over stages and steps;
+everything that happens around a step is a `Hook` (`on_start`, `on_stage_start`, `on_step`,
+`on_stage_end`, `on_end`): `MetricsHook` logs averaged metrics and stops on a non-finite loss,
+`EvalHook` evaluates, `CheckpointHook` saves, `ProgressHook` draws the bar.
+
+Every checkpoint stores the train state leaves (orbax, asynchronous, keep last N) together with the
+stage index, the data iterator state and the hooks' and the run's host state, so a killed run
+restarted with the same command continues with the same batches and RNG and ends with the same
+metrics as an uninterrupted one. A state with NaN/inf is never saved; a non-finite loss stops the
+run, names the offending terms, and leaves the last good checkpoint in place. Ctrl-C (SIGINT) lets
+the current step finish, saves a checkpoint and returns.
+
+Methods that need the host between steps (e.g. on-policy sampling) define
+`run.before_step(stage_index, step_in_stage, batch) -> batch`, called outside jit before each step,
+and keep what must survive a restart in `run.host_state() -> dict` / `run.restore_host_state(dict)`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
+from kdjax import config as config_lib
 from kdjax import fileio
-from kdjax.distill.run import _cfg_get
+from kdjax.config import cfg_get as _cfg_get
+from kdjax.distill.checkpoints import Checkpointer, NonFiniteStateError  # noqa: F401  (re-exported)
 
 log = logging.getLogger("kdjax")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the run stopped with its last good checkpoint intact."""
+
+
+class DataError(ValueError):
+    """A stage's batches lack what its loss terms read (e.g. labels)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -51,14 +70,15 @@ def make_stage_loader(run, stage_index: int, *, seed: int, role: str = "train"):
     if tokenizer is None:
         raise ValueError("neither the student nor the teacher has a tokenizer; load the teacher from a directory "
                                           "with tokenizer files")
-    kw = dict(max_length=int(_cfg_get(spec, "max_length", 128)), batch_size=int(_cfg_get(spec, "batch_size", 32)),
-                        shuffle=role == "train", seed=seed, num_epochs=None if role == "train" else 1,
-                        drop_remainder=True)
+    section = stage.data if _cfg_get(data_cfg, stage.data) is not None else "train"
+    field = lambda name: _cfg_get(spec, name, config_lib.default(f"data.{section}.{name}"))  # noqa: E731
+    kw = dict(max_length=int(field("max_length")), batch_size=int(field("batch_size")),
+              shuffle=role == "train", seed=seed, num_epochs=None if role == "train" else 1, drop_remainder=True)
     if _cfg_get(spec, "pack") is not None:
         kw["pack"] = bool(_cfg_get(spec, "pack"))
     task = _cfg_get(spec, "task")
     if task:
-        split_role = _cfg_get(spec, "split", "train") if role == "train" else _cfg_get(spec, "eval_split", "validation")
+        split_role = field("split") if role == "train" else field("eval_split")
         return pipeline.make_task_loader(tasks_lib.get_task(task), split_role, tokenizer,
                                                                           data_dir=_cfg_get(spec, "data_dir"), **kw)
     path = _cfg_get(spec, "path")
@@ -67,7 +87,7 @@ def make_stage_loader(run, stage_index: int, *, seed: int, role: str = "train"):
     from kdjax.data import sources
     fmt = _cfg_get(spec, "format") or os.path.splitext(path)[1].lstrip(".")
     source = {"jsonl": sources.JsonlSource, "csv": sources.CsvSource}.get(fmt, sources.TextFileSource)(path)
-    return pipeline.make_loader(source, tokenizer, text_fields=tuple(_cfg_get(spec, "text_fields", ("text",))),
+    return pipeline.make_loader(source, tokenizer, text_fields=tuple(field("text_fields")),
                                                             label_field=_cfg_get(spec, "label_field"), label_names=_cfg_get(spec, "label_names"), **kw)
 
 
@@ -86,57 +106,6 @@ def mlm_mask(batch: dict, *, probability: float, mask_id: int, vocab_size: int, 
     out["input_ids"] = ids.astype(np.int32)
     out["labels"] = labels.astype(np.int32)
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-class Checkpointer:
-    """orbax `CheckpointManager` over (state leaves, metadata); steps are global step numbers."""
-
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-        import orbax.checkpoint as ocp
-        self.ocp = ocp
-        self.directory = directory if fileio.is_remote(directory) else os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                                                                      create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
-
-    def latest(self) -> Optional[int]:
-        return self.manager.latest_step()
-
-    def save(self, global_step: int, state, meta: dict) -> None:
-        leaves = {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(state))}
-        self.manager.save(global_step, args=self.ocp.args.Composite(
-                state=self.ocp.args.StandardSave(leaves), meta=self.ocp.args.JsonSave(meta)), force=True)
-
-    def restore_meta(self, global_step: int) -> dict:
-        return self.manager.restore(global_step, args=self.ocp.args.Composite(meta=self.ocp.args.JsonRestore()))["meta"]
-
-    def restore_state(self, global_step: int, template):
-        leaves, treedef = jax.tree.flatten(template)
-        abstract = {str(i): jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-                                for i, x in enumerate(leaves)}
-        restored = self.manager.restore(global_step, args=self.ocp.args.Composite(
-                state=self.ocp.args.StandardRestore(abstract)))["state"]
-        return jax.tree.unflatten(treedef, [restored[str(i)] for i in range(len(leaves))])
-
-    def restore_latest(self, run):
-        """(global_step, metadata, train state) of the latest checkpoint of `run`, or None when there is none."""
-        latest = self.latest()
-        if latest is None:
-            return None
-        meta = self.restore_meta(latest)
-        state = self.restore_state(latest, run.init_state(int(meta["stage"])))
-        return latest, meta, state
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,8 +146,17 @@ class MetricsLog:
         self.path = fileio.join(workdir, "metrics.jsonl")
         if jax.process_index() == 0 and fileio.exists(self.path):
             # Drop records past the checkpoint we resume from, so a resumed log reads like an uninterrupted one.
-            kept = [line + "\n" for line in fileio.read_text(self.path).splitlines()
-                    if line.strip() and json.loads(line).get("global_step", 0) <= resume_from_global_step]
+            kept = []
+            for line in fileio.read_text(self.path).splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    log.warning("dropping a partial line of %s (a run killed while writing it): %.60s", self.path, line)
+                    continue
+                if record.get("global_step", 0) <= resume_from_global_step:
+                    kept.append(line + "\n")
             fileio.write_text(self.path, "".join(kept))
         self.writer = None
         self.tensorboard_dir = fileio.join(workdir, "tensorboard")
@@ -237,146 +215,342 @@ def _summary_writer(logdir: str, resume_from_global_step: int):
         return None
 
 
-def _non_finite_terms(values: dict) -> list[str]:
-    return sorted(k for k, v in values.items() if not math.isfinite(v) and k not in ("loss", "grad_norm"))
-
-
 # ------------------------------------------------------------------------------------------------
+# The loop and its hooks
+
+
+@dataclasses.dataclass
+class Loop:
+    """Where a run is and what it holds; hooks read it and may set `stop` to end the run early."""
+
+    run: Any
+    workdir: str
+    ckpt: Checkpointer
+    total_steps: int
+    stage_index: int = 0
+    step_in_stage: int = 0
+    global_step: int = 0
+    stage_steps: int = 0
+    state: Any = None
+    iterator: Any = None
+    tokens_seen: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    stop: Optional[str] = None  # "max_steps" or "SIGINT"
+    last_saved: Optional[int] = None  # global step of the last checkpoint this process wrote
+    resumed_meta: Optional[dict] = None
+
+    @property
+    def stage_name(self) -> str:
+        return self.run.method.stages[self.stage_index].name
+
+    @property
+    def at_stage_end(self) -> bool:
+        return self.step_in_stage == self.stage_steps
+
+    def every(self, n: int) -> bool:
+        """Whether this step closes a period of `n` steps (or the stage)."""
+        return self.step_in_stage % n == 0 or self.at_stage_end
+
+
+class Hook:
+    """Something done around steps; every method is optional."""
+
+    def on_start(self, loop: Loop) -> None: ...
+
+    def on_stage_start(self, loop: Loop) -> None: ...
+
+    def on_step(self, loop: Loop, metrics) -> None: ...
+
+    def on_stage_end(self, loop: Loop) -> None: ...
+
+    def on_end(self, loop: Loop) -> None: ...
+
+    def host_state(self) -> dict:
+        return {}
+
+    def restore_host_state(self, state: dict) -> None: ...
+
+
+class MetricsHook(Hook):
+    """Averages step metrics over `log_every` steps, stops on a non-finite loss, writes metrics.jsonl."""
+
+    def __init__(self, log_every: int, ckpt_every: int, metrics_log: "MetricsLog"):
+        self.log_every, self.ckpt_every, self.log = log_every, ckpt_every, metrics_log
+        self.pending: list = []
+        self.last = None
+
+    def on_stage_start(self, loop):
+        self.last = (time.perf_counter(), loop.step_in_stage, loop.tokens_seen)
+
+    def on_step(self, loop, metrics):
+        self.pending.append(metrics)
+        if not (loop.step_in_stage % self.log_every == 0 or loop.every(self.ckpt_every)):
+            return
+        values = _average(self.pending)
+        self.pending = []
+        if not math.isfinite(values.get("loss", 0.0)):
+            last_good = loop.ckpt.latest()
+            raise NonFiniteLossError(
+                f"loss became {values['loss']} at stage {loop.stage_index} ({loop.stage_name}) step "
+                f"{loop.step_in_stage}; non-finite: {', '.join(_non_finite_terms(values) or ['loss'])}; stopped "
+                f"without saving; last good checkpoint: {'step ' + str(last_good) if last_good is not None else 'none'} "
+                f"in {loop.ckpt.directory}")
+        now, step0, tokens0 = self.last
+        elapsed = max(time.perf_counter() - now, 1e-9)
+        self.last = (time.perf_counter(), loop.step_in_stage, loop.tokens_seen)
+        record = {"stage": loop.stage_index, "stage_name": loop.stage_name, "step": loop.step_in_stage,
+                  "global_step": loop.global_step, **values, "steps_per_sec": (loop.step_in_stage - step0) / elapsed,
+                  "tokens_per_sec": (loop.tokens_seen - tokens0) / elapsed}
+        loop.history.append(record)
+        self.log.write(record)
+
+    def on_end(self, loop):
+        self.log.close()
+
+    def host_state(self):
+        # Metrics of steps since the last log record, so a resumed run logs the same averages.
+        total = _sums(self.pending)
+        return {"pending": {k: [s, c] for k, (s, c) in total.items()}} if total else {}
+
+    def restore_host_state(self, state):
+        pending = state.get("pending")
+        self.pending = [{k: (s, c) for k, (s, c) in pending.items()}] if pending else []
+
+
+class EvalHook(Hook):
+    """Evaluates the stage on its eval split every `eval_every` steps and at the stage's end."""
+
+    def __init__(self, eval_every: int, seed: int, metrics_log: "MetricsLog"):
+        self.eval_every, self.seed, self.log = eval_every, seed, metrics_log
+
+    def on_step(self, loop, metrics):
+        if not self.eval_every or not loop.every(self.eval_every):
+            return
+        ev = evaluate(loop.run, loop.state, loop.stage_index, seed=self.seed)
+        if ev:
+            record = {"stage": loop.stage_index, "step": loop.step_in_stage, "global_step": loop.global_step,
+                      **{f"eval/{k}": v for k, v in ev.items()}}
+            loop.history.append(record)
+            self.log.write(record)
+
+
+class CheckpointHook(Hook):
+    """Saves every `ckpt_every` steps, at each stage's end and when the run is stopped early."""
+
+    def __init__(self, ckpt_every: int, hooks: list):
+        self.ckpt_every, self.hooks = ckpt_every, hooks
+
+    def on_step(self, loop, metrics):
+        if loop.every(self.ckpt_every) or loop.stop == "SIGINT":
+            self.save(loop)
+
+    def save(self, loop):
+        from kdjax.data import pipeline
+        meta = {"stage": loop.stage_index, "step": loop.step_in_stage,
+                "data": pipeline.encode_iterator_state(loop.iterator.get_state()),
+                "hooks": {type(h).__name__: h.host_state() for h in self.hooks if h.host_state()}}
+        if hasattr(loop.run, "host_state"):
+            meta["run"] = loop.run.host_state()
+        try:
+            loop.ckpt.save(loop.global_step, loop.state, meta)
+            loop.last_saved = loop.global_step
+        except NonFiniteStateError as e:
+            last_good = loop.ckpt.latest()
+            raise NonFiniteLossError(f"{e}; stopped; last good checkpoint: "
+                                     f"{'step ' + str(last_good) if last_good is not None else 'none'} in "
+                                     f"{loop.ckpt.directory}") from None
+
+    def on_end(self, loop):
+        loop.ckpt.wait()
+
+
+class ProgressHook(Hook):
+    """A tqdm bar (steps/s and ETA), with the loss and tokens/s of the last log record."""
+
+    def __init__(self, show: bool):
+        self.show, self.bar = show, None
+
+    def on_start(self, loop):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=loop.total_steps, initial=loop.global_step, disable=not self.show, desc="distill",
+                        unit="step", dynamic_ncols=True)
+
+    def on_stage_start(self, loop):
+        self.bar.set_description(f"stage {loop.stage_index + 1}/{loop.run.num_stages} {loop.stage_name}")
+
+    def on_step(self, loop, metrics):
+        self.bar.update(1)
+        last = loop.history[-1] if loop.history else None
+        if last is not None and last.get("global_step") == loop.global_step and "loss" in last:
+            self.bar.set_postfix({"loss": f"{last['loss']:.4g}", "tok/s": f"{last['tokens_per_sec']:,.0f}"},
+                                 refresh=False)
+
+    def on_end(self, loop):
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(loop: Loop):
+    """While training, Ctrl-C sets `loop.stop` (the step in flight finishes, then a checkpoint is saved)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if loop.stop == "SIGINT":  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        log.warning("interrupted (SIGINT): saving a checkpoint after this step; press Ctrl-C again to abort")
+        loop.stop = "SIGINT"
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _restore(loop: Loop, hooks: list) -> tuple[int, int, Any, Any]:
+    """(start stage, start step, restored state or None, iterator state or None) from the newest checkpoint."""
+    restored = loop.ckpt.restore_latest(loop.run)
+    if restored is None:
+        return 0, 0, None, None
+    _, meta, state = restored
+    log.info("resuming from %s: stage %d (%s), step %d", loop.ckpt.directory, int(meta["stage"]),
+             loop.run.method.stages[int(meta["stage"])].name, int(meta["step"]))
+    for h in hooks:
+        h.restore_host_state(meta.get("hooks", {}).get(type(h).__name__, {}))
+    if "run" in meta and hasattr(loop.run, "restore_host_state"):
+        loop.run.restore_host_state(meta["run"])
+    loop.resumed_meta = meta
+    return int(meta["stage"]), int(meta["step"]), state, meta.get("data")
+
+
+def _next_batch(loop: Loop, *, mlm_prob: float, tokenizer, seed: int) -> dict:
+    """The host batch of the next step: masked for MLM if configured, then `run.before_step` (outside jit)."""
+    batch = _masked(loop.run, next(loop.iterator), loop.global_step, mlm_prob=mlm_prob, tokenizer=tokenizer, seed=seed)
+    if hasattr(loop.run, "before_step"):
+        batch = loop.run.before_step(loop.stage_index, loop.step_in_stage, batch)
+    return batch
+
+
+def _masked(run, batch: dict, global_step: int, *, mlm_prob: float, tokenizer, seed: int) -> dict:
+    if not mlm_prob or tokenizer is None:
+        return batch
+    return mlm_mask(batch, probability=mlm_prob, mask_id=tokenizer.mask_token_id,
+                    vocab_size=run.student.config.vocab_size, special_ids=tokenizer.all_special_ids,
+                    seed=seed * 1_000_003 + global_step)
+
+
+def check_stage_batch(run, stage_index: int, batch: dict) -> None:
+    """One line, before anything compiles, when a stage's terms read fields its batches lack."""
+    stage = run.method.stages[stage_index]
+    readers = [t.name for t in stage.terms if getattr(t, "source", None) == "labels"]
+    if readers and "labels" not in batch:
+        data = f"config.data.{stage.data}" if _cfg_get(_cfg_get(run.config, "data"), stage.data) else "config.data.train"
+        raise DataError(f"stage {stage.name!r} ({run.method.name}) trains on labels (term {readers[0]!r}) but "
+                        f"{data} has none; use labeled data (a task with labels, or label_field for a file), or a "
+                        "method without hard labels (e.g. method_args.kd.alpha=1.0)")
 
 
 def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optional[bool] = None,
-                export: bool = True) -> dict:
+        export: bool = True) -> dict:
     """Train every stage of `run.method`, resuming from `workdir` when it holds checkpoints.
 
     `max_steps` stops after that many global steps (used to simulate interruptions in tests).
     """
-    from kdjax.data import pipeline
-    tc = run.train_cfg
+    get = lambda name: config_lib.get(run.config, name)  # noqa: E731
+    seed, ckpt_every = int(get("train.seed")), int(get("train.checkpoint_every"))
+    data_kw = dict(mlm_prob=float(get("data.mlm_probability") or 0.0), seed=seed,
+                   tokenizer=next(iter(run.teachers.values()))[0].tokenizer or run.student.tokenizer)
+    if not hasattr(run, "before_step"):  # batches a method rewrites are its own to check
+        for i in range(run.num_stages):  # before anything is written or compiled
+            check_stage_batch(run, i, _masked(run, next(iter(make_stage_loader(run, i, seed=seed + i))), 0, **data_kw))
     fileio.makedirs(workdir)
-    log_every = int(_cfg_get(tc, "log_every", 10))
-    ckpt_every = int(_cfg_get(tc, "checkpoint_every", 100))
-    eval_every = int(_cfg_get(tc, "eval_every", 0))
-    seed = int(_cfg_get(tc, "seed", 0))
-    ckpt = Checkpointer(fileio.join(workdir, "checkpoints"), keep=int(_cfg_get(tc, "keep_checkpoints", 3)),
-                                            async_save=bool(_cfg_get(tc, "async_checkpointing", True)))
     offsets = np.cumsum([0] + [run.stage_steps(i) for i in range(run.num_stages)])
-    total_steps = int(offsets[-1])
-
-    start_stage, start_step, restored_state, iterator_state = 0, 0, None, None
-    latest = None
-    restored = ckpt.restore_latest(run)
-    if restored is not None:
-        latest, meta, restored_state = restored
-        start_stage, start_step = int(meta["stage"]), int(meta["step"])
-        iterator_state = meta.get("data")
-        log.info("resuming from %s: stage %d (%s), step %d", ckpt.directory, start_stage,
-                          run.method.stages[start_stage].name, start_step)
-    metrics_log = MetricsLog(workdir, resume_from_global_step=int(latest or 0))
-    if jax.process_index() == 0:
-        from kdjax.sharding import param_overview
-        for name, (teacher, _) in run.teachers.items():
-            log.info("teacher %r parameters:\n%s", name, param_overview(teacher.params))
-        log.info("student parameters:\n%s", param_overview(run.student.params))
-    show = progress if progress is not None else (jax.process_index() == 0)
-
-    data_cfg = _cfg_get(run.config, "data")
-    mlm_prob = float(_cfg_get(data_cfg, "mlm_probability", 0.0) or 0.0)
-    tokenizer = next(iter(run.teachers.values()))[0].tokenizer or run.student.tokenizer
-
-    params = None if restored_state is None else restored_state.params
-    history = []
-    global_step = int(offsets[start_stage] + start_step)
-    state = None
+    loop = Loop(run=run, workdir=workdir, total_steps=int(offsets[-1]), ckpt=Checkpointer(
+        fileio.join(workdir, "checkpoints"), keep=int(get("train.keep_checkpoints")),
+        async_save=bool(get("train.async_checkpointing"))))
+    metrics_hook = MetricsHook(int(get("train.log_every")), ckpt_every, None)
+    hooks: list[Hook] = [metrics_hook]
+    start_stage, start_step, state, iterator_state = _restore(loop, hooks)
+    metrics_log = metrics_hook.log = MetricsLog(workdir, resume_from_global_step=loop.ckpt.latest() or 0)
+    hooks += [EvalHook(int(get("train.eval_every")), seed, metrics_log), ProgressHook(
+        progress if progress is not None else jax.process_index() == 0)]
+    hooks.append(CheckpointHook(ckpt_every, hooks))  # last: saves what the other hooks have updated
+    _log_parameters(run)
+    loop.global_step = int(offsets[start_stage] + start_step)
     started = time.perf_counter()
-    tokens_seen = 0
+    for h in hooks:
+        h.on_start(loop)
     try:
-        from tqdm.auto import tqdm
-        # tqdm shows steps/s and the ETA; tokens/s and the loss are set as postfix at every log step.
-        bar = tqdm(total=total_steps, initial=global_step, disable=not show, desc="distill", unit="step",
-                              dynamic_ncols=True)
-        for stage_index in range(start_stage, run.num_stages):
-            runner = run.runner(stage_index)
-            if restored_state is not None and stage_index == start_stage:
-                state = restored_state
-            else:
-                state = run.init_state(stage_index, params=params)
-                start_step = 0
-                iterator_state = None
-            dataset = make_stage_loader(run, stage_index, seed=seed + stage_index)
-            iterator = iter(dataset)
-            if iterator_state is not None:
-                iterator.set_state(pipeline.decode_iterator_state(iterator_state))
-            bar.set_description(f"stage {stage_index + 1}/{run.num_stages} {runner.stage.name}")
-            teacher_params = run.teacher_params(stage_index)
-            pending = []
-            step_in_stage = int(start_step)
-            last_time = time.perf_counter()
-            last_logged_step = step_in_stage
-            last_logged_tokens = tokens_seen
-            while step_in_stage < runner.steps:
-                if max_steps is not None and global_step >= max_steps:
-                    raise _Interrupted()
-                batch = next(iterator)
-                if mlm_prob and tokenizer is not None:
-                    batch = mlm_mask(batch, probability=mlm_prob, mask_id=tokenizer.mask_token_id,
-                                                      vocab_size=run.student.config.vocab_size, special_ids=tokenizer.all_special_ids,
-                                                      seed=seed * 1_000_003 + global_step)
-                tokens_seen += int(np.sum(batch["attention_mask"]))
-                state, metrics = runner.step_fn(state, teacher_params, run.prepare_batch(batch))
-                pending.append(metrics)
-                step_in_stage += 1
-                global_step += 1
-                bar.update(1)
-                at_end = step_in_stage == runner.steps
-                at_ckpt = step_in_stage % ckpt_every == 0 or at_end
-                if step_in_stage % log_every == 0 or at_ckpt:
-                    values = _average(pending)
-                    pending = []
-                    if not math.isfinite(values.get("loss", 0.0)):
-                        bad = _non_finite_terms(values) or ["loss"]
-                        last_good = ckpt.latest()
-                        raise NonFiniteLossError(
-                                f"loss became {values['loss']} at stage {stage_index} ({runner.stage.name}) step {step_in_stage}; "
-                                f"non-finite: {', '.join(bad)}; stopped without saving; last good checkpoint: "
-                                f"{'step ' + str(last_good) if last_good is not None else 'none'} in {ckpt.directory}")
-                    now = time.perf_counter()
-                    rate = (step_in_stage - last_logged_step) / max(now - last_time, 1e-9)
-                    token_rate = (tokens_seen - last_logged_tokens) / max(now - last_time, 1e-9)
-                    last_time, last_logged_step, last_logged_tokens = now, step_in_stage, tokens_seen
-                    record = {"stage": stage_index, "stage_name": runner.stage.name, "step": step_in_stage,
-                                        "global_step": global_step, **values, "steps_per_sec": rate,
-                                        "tokens_per_sec": token_rate}
-                    history.append(record)
-                    metrics_log.write(record)
-                    bar.set_postfix({"loss": f"{values['loss']:.4g}", "tok/s": f"{token_rate:,.0f}"}, refresh=False)
-                if eval_every and (step_in_stage % eval_every == 0 or at_end):
-                    ev = evaluate(run, state, stage_index, seed=seed)
-                    if ev:
-                        record = {"stage": stage_index, "step": step_in_stage, "global_step": global_step,
-                                            **{f"eval/{k}": v for k, v in ev.items()}}
-                        history.append(record)
-                        metrics_log.write(record)
-                if at_ckpt:
-                    ckpt.save(global_step, state, {"stage": stage_index, "step": step_in_stage,
-                                                                                  "data": pipeline.encode_iterator_state(iterator.get_state())})
-            params = state.params
-            restored_state = None
-        bar.close()
-    except _Interrupted:
-        ckpt.wait()
-        metrics_log.close()
-        return {"interrupted_at": global_step, "history": history}
+        with _stop_on_sigint(loop):
+            for stage_index in range(start_stage, run.num_stages):
+                resume = (start_step, state, iterator_state) if stage_index == start_stage and state is not None else None
+                runner = _enter_stage(loop, stage_index, resume, seed=seed + stage_index)
+                teacher_params = run.teacher_params(stage_index)
+                for h in hooks:
+                    h.on_stage_start(loop)
+                while loop.step_in_stage < runner.steps and loop.stop is None:
+                    if max_steps is not None and loop.global_step >= max_steps:
+                        loop.stop = "max_steps"
+                        break
+                    batch = _next_batch(loop, **data_kw)
+                    loop.tokens_seen += int(np.sum(batch["attention_mask"]))
+                    loop.state, metrics = runner.step_fn(loop.state, teacher_params, run.prepare_batch(batch))
+                    loop.step_in_stage += 1
+                    loop.global_step += 1
+                    for h in hooks:
+                        h.on_step(loop, metrics)
+                if loop.stop is not None:
+                    if loop.stop == "SIGINT" and loop.last_saved != loop.global_step:
+                        hooks[-1].save(loop)  # Ctrl-C came after this step's hooks ran
+                    break
+                for h in hooks:
+                    h.on_stage_end(loop)
     finally:
-        ckpt.wait()
+        for h in reversed(hooks):
+            with contextlib.suppress(Exception):
+                h.on_end(loop)
+    if loop.stop is not None:
+        loop.ckpt.close()
+        return {"interrupted_at": loop.global_step, "signal": loop.stop, "history": loop.history}
+    loop.ckpt.close()
+    return _finish(run, loop, time.perf_counter() - started, export=export)
 
-    ckpt.close()
-    metrics_log.close()
-    elapsed = time.perf_counter() - started
-    final = [r for r in history if "loss" in r]
-    summary = {"method": run.method.name, "stages": [s.name for s in run.method.stages], "steps": total_steps,
-                          "final_loss": final[-1]["loss"] if final else None, "final_metrics": final[-1] if final else None,
-                          "train_seconds": elapsed, "tokens_per_sec": tokens_seen / max(elapsed, 1e-9)}
-    student = run.student_model(state)
+
+def _enter_stage(loop: Loop, stage_index: int, resume, *, seed: int):
+    """Points `loop` at the start of a stage, or at `resume = (step, state, iterator state)` within it."""
+    run = loop.run
+    runner = run.runner(stage_index)
+    if resume is None:
+        params = None if loop.state is None else loop.state.params  # the previous stage's student
+        loop.state, loop.step_in_stage, iterator_state = run.init_state(stage_index, params=params), 0, None
+    else:
+        loop.step_in_stage, loop.state, iterator_state = resume
+    loop.stage_index, loop.stage_steps = stage_index, runner.steps
+    loop.iterator = iter(make_stage_loader(run, stage_index, seed=seed))
+    if iterator_state is not None:
+        from kdjax.data import pipeline
+        loop.iterator.set_state(pipeline.decode_iterator_state(iterator_state))
+    return runner
+
+
+def _log_parameters(run) -> None:
+    if jax.process_index() != 0:
+        return
+    from kdjax.sharding import param_overview
+    for name, (teacher, _) in run.teachers.items():
+        log.info("teacher %r parameters:\n%s", name, param_overview(teacher.params))
+    log.info("student parameters:\n%s", param_overview(run.student.params))
+
+
+def _finish(run, loop: Loop, elapsed: float, *, export: bool) -> dict:
+    """The run's summary; exports the student (Hugging Face layout) to `<workdir>/student`."""
+    final = [r for r in loop.history if "loss" in r]
+    summary = {"method": run.method.name, "stages": [s.name for s in run.method.stages], "steps": loop.total_steps,
+               "final_loss": final[-1]["loss"] if final else None, "final_metrics": final[-1] if final else None,
+               "train_seconds": elapsed, "tokens_per_sec": loop.tokens_seen / max(elapsed, 1e-9)}
+    student = run.student_model(loop.state)
     if export and jax.process_count() > 1:
         # Each host holds only its shards: gather the student onto every host (a collective, so all
         # processes join) before process 0 writes it.
@@ -387,28 +561,30 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
                         id2label=student.id2label)
     if export and jax.process_index() == 0:
         from kdjax.hub.api import save_pretrained
-        student_dir = fileio.join(workdir, "student")
+        student_dir = fileio.join(loop.workdir, "student")
         with fileio.local_staging(student_dir) as local:  # safetensors writes local files; gs:// is copied up
             save_pretrained(student, local)
         summary["student_dir"] = student_dir
-    summary["history"] = history
-    summary["state"] = state
+    summary["history"] = loop.history
+    summary["state"] = loop.state
     return summary
 
 
-class _Interrupted(Exception):
-    pass
+def _non_finite_terms(values: dict) -> list[str]:
+    return sorted(k for k, v in values.items() if not math.isfinite(v) and k not in ("loss", "grad_norm"))
 
 
-def _average(pending) -> dict:
-    if not pending:
-        return {}
+def _sums(pending) -> dict:
     total: dict = {}
     for m in jax.device_get(pending):
         for k, (s, c) in m.items():
             a, b = total.get(k, (0.0, 0.0))
             total[k] = (a + float(s), b + float(c))
-    return {k: s / max(c, 1e-12) for k, (s, c) in total.items()}
+    return total
+
+
+def _average(pending) -> dict:
+    return {k: s / max(c, 1e-12) for k, (s, c) in _sums(pending).items()}
 
 
 def evaluate(run, state, stage_index: int, *, seed: int = 0, max_batches: Optional[int] = None) -> dict:

