@@ -62,7 +62,7 @@ def get_config(arg=None):
     c.student.model = student_model(args.remat)
     c.student.rules = {name: axes for name, axes in sharding.DEFAULT_TEACHER_RULES if name in sharding.WEIGHT_AXES}
     c.method = "kd"
-    c.method_args = dict(alpha=1.0, temperature=1.0)
+    c.method_args = dict(kd=dict(alpha=1.0, temperature=1.0))
     c.data.train = dict(task="kdjax_corpus", max_length=args.seq, batch_size=args.batch, pack=True, data_dir=None)
     c.train.steps = 20000
     c.train.learning_rate = 1e-4

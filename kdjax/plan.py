@@ -58,6 +58,7 @@ import jax
 import ml_collections
 
 from kdjax import roofline as roofline_lib
+from kdjax import config as config_lib
 from kdjax import sharding as sharding_lib
 from kdjax.distill import run as run_lib
 from kdjax.distill.sharded import ShardedStep, sharded_step
@@ -300,7 +301,7 @@ def models_from_config(config: Any, method=None) -> tuple[ModelConfig, dict[str,
         student = _teacher_config("student", s_spec, "config.student")
     else:
         if method is None:
-            method = build_method(_get(config, "method", "kd"), _as_dict(_get(config, "method_args")))
+            method = build_method(config_lib.get(config, "method"), config_lib.method_args(config))
         init, kw = run_lib.student_kwargs(config, method)
         kw.setdefault("num_layers", len(init) if not isinstance(init, str) else next(iter(teachers.values())).num_layers)
         student = student_config(next(iter(teachers.values())), **kw)
@@ -331,7 +332,7 @@ def build_planned_step(config: Any, mesh, *, student_remat: Optional[str] = None
     Models, per-teacher weights and rules, steps and optimizer are read by the same functions a run
     uses (`kdjax.distill.run`), and the stage is assembled by the same `assemble_stage`.
     """
-    method = build_method(_get(config, "method", "kd"), _as_dict(_get(config, "method_args")))
+    method = build_method(config_lib.get(config, "method"), config_lib.method_args(config))
     student, teachers, weights = models_from_config(config, method)
     if student_remat is not None:
         student = student.replace(remat_policy=student_remat)
@@ -341,14 +342,14 @@ def build_planned_step(config: Any, mesh, *, student_remat: Optional[str] = None
     train = _get(config, "train")
     plan_cfg = _get(config, "plan")
     strict = bool(_get(plan_cfg, "strict", True)) if strict is None else strict
-    settings = run_lib.optimizer_settings(train)
+    settings = run_lib.optimizer_settings(config)
     steps = run_lib.stage_steps(config, method.stages[stage])
     return sharded_step(
         student, teachers, method, mesh,
         student_rules=run_lib.model_rules(config, "student"),
         teacher_rules={name: run_lib.model_rules(config, "teacher", name) for name in teachers},
         batch_shape=batch_shape, total_steps=steps, grad_accum=int(_get(train, "grad_accum", 1)), stage=stage,
-        teacher_weights=weights, strict=strict, seed=int(_get(train, "seed", 0)),
+        teacher_weights=weights, strict=strict, seed=int(config_lib.get(config, "train.seed")),
         **dataclasses.asdict(settings))
 
 

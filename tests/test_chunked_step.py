@@ -136,7 +136,7 @@ def test_chunked_step_never_forms_full_logits():
 
 def test_teacher_pass_skips_the_head_only_when_chunked():
     batch = make_batch()
-    terms = build_method("kd", dict(alpha=1.0, chunk_size=CHUNK)).stages[0].terms
+    terms = build_method("kd", dict(kd=dict(alpha=1.0, chunk_size=CHUNK))).stages[0].terms
     teacher = step_lib.TeacherSpec(name="teacher", graphdef=T_GRAPH, config=TEACHER, taps=step_lib.TapSpec())
     out, _, params = step_lib.build_teacher_pass([teacher], terms)({"teacher": T_PARAMS}, batch)["teacher"]
     assert out.logits is None and out.last_hidden_state.shape == (B, SEQ, TEACHER.hidden_size)
@@ -149,7 +149,7 @@ def test_teacher_pass_skips_the_head_only_when_chunked():
 def test_vocab_sharded_over_tensor_matches_single_device():
     """8 fake devices, (data=1, fsdp=2, tensor=4): student and teacher heads split along V over `tensor`."""
     mesh = S.make_mesh(S.MeshConfig(axes=("data", "fsdp", "tensor"), ici=(1, 2, 4)))
-    method = build_method("kd", dict(alpha=1.0, temperature=2.0, chunk_size=CHUNK))
+    method = build_method("kd", dict(kd=dict(alpha=1.0, temperature=2.0, chunk_size=CHUNK)))
     sharded = sharded_step(STUDENT, {"teacher": TEACHER}, method, mesh, student_rules=S.DEFAULT_TEACHER_RULES,
                            teacher_rules=S.DEFAULT_TEACHER_RULES, batch_shape=(B, SEQ), learning_rate=1.0,
                            total_steps=10, optimizer=optax.sgd(1.0))
@@ -169,9 +169,9 @@ def test_vocab_sharded_over_tensor_matches_single_device():
 
 def test_bad_chunk_size_is_a_one_line_error():
     with pytest.raises(MethodError, match="chunk_size must be a positive integer") as err:
-        build_method("kd", dict(chunk_size=0))
+        build_method("kd", dict(kd=dict(chunk_size=0)))
     assert "\n" not in str(err.value)
-    term = build_method("kd", dict(alpha=1.0)).stages[0].terms[0].replace(fn="logit_mse").with_args(chunk_size=4)
+    term = build_method("kd", dict(kd=dict(alpha=1.0))).stages[0].terms[0].replace(fn="logit_mse").with_args(chunk_size=4)
     with pytest.raises(MethodError, match="chunk_size applies to 'divergence' terms"):
         terms_lib.validate_terms([term], STUDENT, TEACHER)
 
@@ -272,7 +272,7 @@ def test_vocab_map_applies_to_each_teacher_chunk():
     def vocab_map(logits):
         return jnp.take(logits, kept, axis=-1)
 
-    term = build_method("kd", dict(alpha=1.0, temperature=2.0, chunk_size=CHUNK)).stages[0].terms[0]
+    term = build_method("kd", dict(kd=dict(alpha=1.0, temperature=2.0, chunk_size=CHUNK))).stages[0].terms[0]
     terms_lib.validate_terms([term], small, TEACHER, vocab_map=True)
     batch = make_batch()
     batch["input_ids"] = batch["input_ids"] % 40  # ids both vocabularies have
@@ -298,6 +298,6 @@ def test_chunking_a_soft_capped_head_is_refused():
     """Gemma 2 soft-caps its final logits; the chunked head is linear, so chunking it would drop the cap."""
     capped = preset("gemma2", vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                           intermediate_size=32, head="causal_lm", final_logit_softcap=30.0)
-    term = build_method("kd", dict(alpha=1.0, temperature=2.0, chunk_size=4)).stages[0].terms[0]
+    term = build_method("kd", dict(kd=dict(alpha=1.0, temperature=2.0, chunk_size=4))).stages[0].terms[0]
     with pytest.raises(MethodError, match="soft-caps"):
         terms_lib.validate_terms([term], capped, capped)

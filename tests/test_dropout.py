@@ -87,7 +87,7 @@ def _step(dropout, grad_accum=1):
     teacher = kdjax.preset("llama", vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                            intermediate_size=64, head="causal_lm")
     student = teacher.replace(num_layers=1, dropout=dropout)
-    method = build_method("kd", {"alpha": 1.0, "temperature": 1.0})
+    method = build_method("kd", {"kd": {"alpha": 1.0, "temperature": 1.0}})
     terms = method.stages[0].terms
     s_graphdef, s_abstract = abstract_model(student)
     t_graphdef, t_abstract = abstract_model(teacher)

@@ -347,7 +347,7 @@ def test_build_method_passes_per_method_arguments_and_joins_single_stage_parts()
     for stage in mixed.stages:
         assert stage.data == "task"
         assert stage.terms[-1].name == "kd/kd" and stage.terms[-1].weight == 2.0
-    assert build_method("pkd", {"strategy": "last"}).stages[0].terms[2].layers == "pkd_last"
+    assert build_method("pkd", {"pkd": {"strategy": "last"}}).stages[0].terms[2].layers == "pkd_last"
     with pytest.raises(MethodError, match="cannot mix"):
         build_method([("tinybert", 1.0), ("mlkd_bert", 1.0)])
 
@@ -442,15 +442,15 @@ def test_llm_divergences_match_their_papers():
 
 @pytest.mark.parametrize("name", ["kd", "minillm", "distillm", "gkd"])
 def test_logit_recipes_take_chunk_size(name):
-    plain = build_method(name, {})
-    chunked = build_method(name, {"chunk_size": 64})
+    plain = build_method(name, {name: {}})
+    chunked = build_method(name, {name: {"chunk_size": 64}})
     soft = lambda m: [t for t in m.stages[0].terms if t.source == "logits"]  # noqa: E731
     (a,), (b,) = soft(plain), soft(chunked)
     assert "chunk_size" not in a.kwargs and b.kwargs["chunk_size"] == 64
     # Everything else about the term is unchanged.
     assert {k: v for k, v in b.kwargs.items() if k != "chunk_size"} == dict(a.kwargs)
     with pytest.raises(MethodError, match="chunk_size"):
-        build_method(name, {"chunk_size": 0})
+        build_method(name, {name: {"chunk_size": 0}})
 
 
 def test_python_m_kdjax_methods_lists_every_recipe_with_its_stages():

@@ -29,23 +29,12 @@ from kdjax.models.config import ConfigError
 from kdjax.models.transformer import Transformer
 from kdjax.students import student_from
 
+from kdjax.config import as_dict, cfg_get, get, method_args
+
 log = logging.getLogger("kdjax")
 
-def _cfg_get(cfg, key, default=None):
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping) or isinstance(cfg, ml_collections.ConfigDict):
-        value = cfg.get(key, default)
-        return default if value is None else value
-    return getattr(cfg, key, default)
-
-
-def _as_dict(cfg) -> dict:
-    if cfg is None:
-        return {}
-    if isinstance(cfg, ml_collections.ConfigDict):
-        return cfg.to_dict()
-    return dict(cfg)
+_cfg_get = cfg_get  # the lenient reading (None -> default) for sections that are free-form
+_as_dict = as_dict
 
 
 def build_mesh(config):
@@ -123,17 +112,18 @@ def student_kwargs(config, method: Method) -> tuple[Any, dict]:
     return init, {k: spec[k] for k in STUDENT_SHAPE_KEYS if spec.get(k) is not None}
 
 
-def optimizer_settings(train_cfg) -> "stage_lib.OptimizerSettings":
-    """The optimizer of `config.train` (every stage; a stage may override the learning rate)."""
-    tc = train_cfg
+def optimizer_settings(config) -> "stage_lib.OptimizerSettings":
+    """The optimizer of `config.train` (every stage; a stage may override the learning rate). Defaults are
+    the schema's (`kdjax.config`); `train.max_grad_norm=None` turns clipping off."""
+    norm = get(config, "train.max_grad_norm")
     return stage_lib.OptimizerSettings(
-        learning_rate=float(_cfg_get(tc, "learning_rate", 1e-4)), warmup_steps=int(_cfg_get(tc, "warmup_steps", 0)),
-        warmup_ratio=float(_cfg_get(tc, "warmup_ratio", 0.0)), schedule=_cfg_get(tc, "schedule", "linear"),
-        weight_decay=float(_cfg_get(tc, "weight_decay", 0.01)), max_grad_norm=_cfg_get(tc, "max_grad_norm", 1.0))
+        learning_rate=float(get(config, "train.learning_rate")), warmup_steps=int(get(config, "train.warmup_steps") or 0),
+        warmup_ratio=float(get(config, "train.warmup_ratio") or 0.0), schedule=get(config, "train.schedule"),
+        weight_decay=float(get(config, "train.weight_decay")), max_grad_norm=None if norm is None else float(norm))
 
 
 def stage_steps(config, stage: Stage) -> int:
-    return int(stage.steps or _cfg_get(_cfg_get(config, "train"), "steps", 100))
+    return int(stage.steps or get(config, "train.steps"))
 
 
 def load_teachers(config, mesh=None) -> dict[str, tuple[Model, float]]:
@@ -298,7 +288,7 @@ class Distillation:
                               student: Optional[Model] = None, workdir: Optional[str] = None):
         self.config = config
         self.workdir = workdir
-        self.method = build_method(_cfg_get(config, "method", "kd"), _as_dict(_cfg_get(config, "method_args")))
+        self.method = build_method(get(config, "method"), method_args(config))
         self.mesh = build_mesh(config)
         self.teachers = dict(teachers) if teachers is not None else load_teachers(config, self.mesh)
         first_teacher = next(iter(self.teachers.values()))[0]
@@ -372,8 +362,8 @@ class Distillation:
         program = stage_lib.assemble_stage(
             self.method, index, student_graphdef=student.graphdef, student_config=student.config,
             student_params=student.params, teachers=teachers, steps=self.stage_steps(index),
-            optimizer=optimizer_settings(self.train_cfg), grad_accum=int(_cfg_get(self.train_cfg, "grad_accum", 1)),
-            vocab_map=self.vocab_map, seed=int(_cfg_get(self.train_cfg, "seed", 0)))
+            optimizer=optimizer_settings(self.config), grad_accum=int(get(self.config, "train.grad_accum")),
+            vocab_map=self.vocab_map, seed=int(get(self.config, "train.seed")))
         state_shardings = None
         if self.sharded:
             from kdjax import sharding as sharding_lib
@@ -403,7 +393,7 @@ class Distillation:
         elif stage in self._stage_student and self._stage_student[stage].config.head != self.student.config.head:
             carried = Model(self.student.config, self.student.graphdef, params)
             params = with_head(carried, student.config.head).params
-        seed = int(_cfg_get(self.train_cfg, "seed", 0))
+        seed = int(get(self.config, "train.seed"))
         rng = jax.random.PRNGKey(seed + 1000 * stage)
         trainable = {"student": params, "modules": runner.program.init_modules(rng)}
         step = jnp.zeros((), jnp.int32)
@@ -428,7 +418,7 @@ class Distillation:
         extra: tuple = ()
         if hook is not None:
             step = int(jax.device_get(state.step))
-            rng = hook_rng(int(_cfg_get(self.train_cfg, "seed", 0)), stage, step)
+            rng = hook_rng(int(get(self.config, "train.seed")), stage, step)
             before = set(batch)
             batch = hook(self, state, batch, rng, stage=stage, step=step)
             extra = tuple(sorted(set(batch) - before))

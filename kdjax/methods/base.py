@@ -200,15 +200,20 @@ def combine(parts: Sequence[tuple[Method, float]], name: Optional[str] = None) -
 def build_method(spec: Any, args: Optional[Mapping[str, Any]] = None) -> Method:
     """A `Method` from a config entry: `"tinybert"`, `"minilmv2+kd*0.5"` or `[("minilmv2", 1.0), ("kd", 0.5)]`.
 
-    `args` maps method name -> keyword arguments for its builder (or is the arguments of a single method).
+    `args` maps method name -> keyword arguments for its builder (always keyed by name, so that no
+    argument is mistaken for a method's arguments or silently dropped).
     """
     args = dict(args or {})
     if isinstance(spec, str) and "+" in spec:
         # "minilmv2+unified" or "kd*0.5+minilmv2": a mix written as one string (config-flag friendly).
         spec = [(p.split("*")[0].strip(), float(p.split("*")[1]) if "*" in p else 1.0) for p in spec.split("+")]
+    names = [spec] if isinstance(spec, str) else [item if isinstance(item, str) else item[0] for item in spec]
+    unknown = sorted(set(args) - set(names))
+    if unknown:
+        raise MethodError(f"method_args is keyed by method name ({', '.join(names)}), got key(s) "
+                          f"{', '.join(map(repr, unknown))}; write e.g. method_args={{{names[0]!r}: {{...}}}}")
     if isinstance(spec, str):
-        per = args.get(spec, args if all(not isinstance(v, Mapping) for v in args.values()) else {})
-        return get_method(spec, **dict(per))
+        return get_method(spec, **dict(args.get(spec, {})))
     parts = []
     for item in spec:
         if isinstance(item, str):
