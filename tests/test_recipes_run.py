@@ -27,6 +27,7 @@ CASES = {
     "minillm": dict(teacher="causal_lm", task="kdjax_corpus", pack=True),
     "distillm": dict(teacher="causal_lm", task="kdjax_corpus", pack=True),
     "gkd": dict(teacher="causal_lm", task="kdjax_corpus", pack=True),
+    "uncertainty": dict(),
 }
 
 
