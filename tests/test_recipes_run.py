@@ -28,6 +28,10 @@ CASES = {
     "distillm": dict(teacher="causal_lm", task="kdjax_corpus", pack=True),
     "gkd": dict(teacher="causal_lm", task="kdjax_corpus", pack=True),
     "uncertainty": dict(),
+    "tmkd": dict(),
+    "mt_bert": dict(),
+    "theseus": dict(),
+    "lrc_bert": dict(),
 }
 
 
