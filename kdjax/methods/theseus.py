@@ -19,8 +19,8 @@ The draw is `jax.random.bernoulli(key("theseus/replace"), p, [L_S])` with the st
 resumed run draws what the uninterrupted run drew. Teacher and student must have the same width and
 L_T must be a multiple of L_S. With several teachers GLMKD splices a uniformly chosen teacher per module;
 this recipe replaces with one teacher (`teacher`, default the first). The paper's and GLMKD's draws
-agree (independent per module); GLMKD's forward of the teacher is skipped here too (its outputs are not
-read, so the compiler drops it).
+agree (independent per module). GLMKD skips the teacher's own forward; here the step still builds it,
+but no term reads its outputs, so XLA may drop it as dead code (not measured).
 """
 
 from __future__ import annotations
