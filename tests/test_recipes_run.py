@@ -32,6 +32,11 @@ CASES = {
     "continuation_kd": dict(),
     "alp_kd": dict(),
     "sid": dict(),
+    "uncertainty": dict(),
+    "tmkd": dict(),
+    "mt_bert": dict(),
+    "theseus": dict(),
+    "lrc_bert": dict(),
 }
 
 

@@ -1,0 +1,44 @@
+"""NumPy float64 helpers shared by the GKD method tests (independent of the methods' own code)."""
+
+import ml_collections
+import numpy as np
+
+from kdjax.models.transformer import forward
+
+
+def config(method, method_args=None, steps=4, batch=8, max_length=16, student_layers=2, seed=3):
+    c = ml_collections.ConfigDict()
+    c.teacher = dict(path="unused")
+    c.student = dict(num_layers=student_layers, init="uniform")
+    c.method = method
+    c.method_args = method_args or {}
+    c.data = dict(train=dict(task="kdjax_reviews", max_length=max_length, batch_size=batch, pack=False))
+    c.train = dict(steps=steps, learning_rate=1e-3, warmup_steps=0, seed=seed)
+    return c
+
+
+def log_softmax(z):
+    z = np.asarray(z, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def kl(t_logits, s_logits, temperature=1.0):
+    """Per-row T²·KL(p_T ‖ q_T)."""
+    logp = log_softmax(np.asarray(t_logits, np.float64) / temperature)
+    logq = log_softmax(np.asarray(s_logits, np.float64) / temperature)
+    return temperature ** 2 * np.sum(np.exp(logp) * (logp - logq), -1)
+
+
+def hard_ce(logits, labels):
+    """Per-row −log softmax(z)[y]."""
+    logq = log_softmax(logits)
+    return -np.take_along_axis(logq, np.asarray(labels)[:, None], -1)[:, 0]
+
+
+def forwards(run, params, batch, taps=None):
+    """(student (out, inter), {teacher name: (out, inter)}, prepared batch) from plain forward passes."""
+    b = run.prepare_batch(batch)
+    s = forward(run.student.graphdef, params, b, taps)
+    t = {name: forward(m.graphdef, m.params, b, taps) for name, (m, _) in run.teachers.items()}
+    return s, t, b
