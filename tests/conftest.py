@@ -19,6 +19,11 @@ SLOW_MODULES = {
     "test_benchmarks", "test_chunked_step", "test_hub_parity", "test_notebook", "test_notebooks_more",
     "test_observability", "test_plan", "test_recipes_run", "test_sharded_run", "test_sharded_step",
     "test_streaming_load", "test_tpu_scripts", "test_vocab_engine",
+    # Whole-engine runs of every recipe, model families against transformers, generation, caches, plans:
+    "test_engine_golden", "test_engine_v2", "test_families", "test_generate", "test_cache", "test_roofline",
+    "test_scale_moe", "test_activation_sharding", "test_gkd_rail_kd", "test_gkd_annealing_kd",
+    "test_gkd_continuation_kd", "test_gkd_alp_kd", "test_gkd_sid", "test_gkd_uncertainty", "test_gkd_mt_bert",
+    "test_gkd_theseus", "test_gkd_lrc_bert",
 }
 SLOW_TESTS = {
     "test_distill.py": {"test_step_trains_student_not_teacher_and_compiles_once", "test_grad_accumulation_matches_full_batch",
