@@ -1,4 +1,4 @@
-"""Distillation recipes as data: registry, per-recipe structure against METHODS.md, term/argument
+"""Distillation recipes as data: registry, per-recipe structure against docs/methods.md, term/argument
 compatibility with ``kdjax.knowledge``, layer maps that resolve, mixing, errors — and, for the logit
 recipes, the loss the terms evaluate to against float64 numpy formulas written from the papers."""
 
@@ -93,7 +93,7 @@ def test_layer_maps_resolve_for_a_12_to_6_distillation(name):
 
 
 # ---------------------------------------------------------------------------------------------
-# per-recipe structure (METHODS.md)
+# per-recipe structure (docs/methods.md)
 # ---------------------------------------------------------------------------------------------
 
 

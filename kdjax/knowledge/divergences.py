@@ -1,6 +1,6 @@
 """Logit knowledge: divergences between teacher and student output distributions.
 
-Conventions (METHODS.md, "Divergences"):
+Conventions (docs/methods.md, "Divergences"):
 
 * ``p = softmax(teacher_logits / T)`` is the teacher distribution and ``q = softmax(student_logits / T)``
   the student's; both are formed in float32 with ``jax.nn.log_softmax`` (never ``log(softmax)``), so

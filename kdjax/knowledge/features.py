@@ -1,7 +1,7 @@
 """Feature knowledge: matching hidden states (TinyBERT, DistilBERT, PKD).
 
 The student's features arrive already projected to the teacher's width where a method needs it:
-the learned projection ``W`` belongs to the distillation state (METHODS.md, "Conventions"), not to
+the learned projection ``W`` belongs to the distillation state (docs/methods.md, "Conventions"), not to
 the loss, so these functions stay pure and parameter-free.
 """
 
@@ -75,7 +75,7 @@ def pkd(student_cls, teacher_cls, mask=None, *, name: str = "pkd"):
 
     Each vector is L2-normalized, then ``loss = Σ_layers mean_{batch, D} (ĥ_S − ĥ_T)²``. The PKD
     paper writes a plain sum of squared distances; its reference code takes one mean over
-    ``[B, L, D]``, which is this value divided by ``L``. kdjax sums over layers (METHODS.md), so the
+    ``[B, L, D]``, which is this value divided by ``L``. kdjax sums over layers (docs/methods.md), so the
     weight β = 100 of the PKD recipe keeps its per-layer meaning.
 
     Args:

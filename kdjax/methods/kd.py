@@ -11,7 +11,7 @@ recipes, so their construction and the argument checks live here and are importe
 Defaults: α = 0.5 (Hinton et al. and most reproductions weigh the two terms equally) and T = 10, the
 temperature of GKD's KD and PKD baselines (`--distill_temperature=10`), so that `kd` is exactly `pkd`
 with β = 0 and the two are directly comparable. GKD's own KD baseline uses a soft cross-entropy without
-`T²`; kdjax follows the formula above (METHODS.md), whose gradients do not shrink as `1/T²`.
+`T²`; kdjax follows the formula above (docs/methods.md), whose gradients do not shrink as `1/T²`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ to the logit term). PKD-skip matches every k-th teacher layer (a 6-layer student
 learns from teacher layers 2, 4, 6, 8, 10); PKD-last matches the top layers below the last (7..11).
 Defaults α = 0.5, β = 100, T = 10 follow GKD's PKD baseline (`--pkd_alpha=0.5 --pkd_beta=100
 --distill_temperature=10 --distill_ft_soft_kl --pkd_normalized_patience --pkd_only_cls --pkd_wo_final`),
-and the student starts from the teacher's first layers (`--student_truncate_tn=0`; METHODS.md).
+and the student starts from the teacher's first layers (`--student_truncate_tn=0`; docs/methods.md).
 """
 
 from __future__ import annotations
