@@ -770,7 +770,7 @@ def estimate_step(compiled: Any, step: Any, generation: Optional[str], num_chips
     batch = next(iter(step.abstract_batch.values())).shape
     batch_shape = (int(batch[0]), int(batch[1]))
     trainable = int(sum(math.prod(x.shape) for x in jax.tree.leaves((step.abstract_state.params,
-                                                                      step.abstract_state.aux))))
+                                                                      step.abstract_state.modules))))
     model = model_flops(step.student_config, step.teacher_configs, batch_shape, step.terms,
                         trainable_params=trainable)
     return estimate(analyze(compiled), chip_for(generation), num_chips, batch_shape[0] * batch_shape[1], model)
