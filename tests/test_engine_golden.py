@@ -15,23 +15,12 @@ import zlib
 import numpy as np
 import pytest
 
-from distill_fixtures import tiny_config, tiny_teacher, tokenizer
-from kdjax.distill import Distillation, metric_values
-from kdjax.distill.trainer import make_stage_loader, mlm_mask
+from kdjax.distill import metric_values
 from kdjax.hub.api import flat_params
-from test_recipes_run import CASES
+from test_recipes_run import CASES, case_batches, case_run, teachers  # noqa: F401  (teachers: the shared fixture)
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "recipes.json"
 RECORD = os.environ.get("KDJAX_RECORD_GOLDEN") == "1"
-
-
-@pytest.fixture(scope="module")
-def teachers():
-    return {
-        "classification": tiny_teacher(head="classification"),
-        "mlm": tiny_teacher(head="mlm"),
-        "causal_lm": tiny_teacher(head="causal_lm", family="gpt2"),
-    }
 
 
 def fingerprint(params) -> dict:
@@ -44,29 +33,12 @@ def fingerprint(params) -> dict:
 
 
 def run_case(name, teachers) -> dict:
-    case = CASES[name]
-    teacher = teachers[case.get("teacher", "classification")]
-    config = tiny_config("unused", method=case.get("method", name), method_args=case.get("method_args"), batch=4,
-                         max_length=24, task=case.get("task", "kdjax_reviews"), steps=2)
-    if case.get("pack"):
-        for key in ("train", "corpus", "task"):
-            config.data[key].pack = True
-    if teacher.config.head != "classification":
-        config.data.task.task = "kdjax_corpus"
-    for key, value in case.get("student", {}).items():
-        config.student[key] = value
-    run = Distillation(config, teachers={"teacher": (teacher, 1.0)})
-    tok = tokenizer()
+    run, case = case_run(name, teachers)
     params, stages = None, []
     for stage in range(run.num_stages):
         state = run.init_state(stage, params=params)
-        it = iter(make_stage_loader(run, stage, seed=stage))
         steps = []
-        for i in range(2):
-            batch = next(it)
-            if case.get("mlm"):
-                batch = mlm_mask(batch, probability=0.3, mask_id=tok.mask_token_id, vocab_size=tok.vocab_size,
-                                 special_ids=tok.all_special_ids, seed=i)
+        for batch in case_batches(run, case, stage):
             state, metrics = run.train_step(state, batch, stage=stage)
             steps.append(metric_values(metrics))
         stages.append({"metrics": steps, "params": fingerprint(state.params)})

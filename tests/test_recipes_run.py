@@ -55,34 +55,42 @@ def teachers():
     }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_recipe_runs_every_stage(name, teachers):
+def case_run(name, teachers):
+    """`(Distillation, case)` of a `CASES` entry on its tiny teacher: 2 steps per stage, batch 4 x 24."""
     case = CASES[name]
     teacher = teachers[case.get("teacher", "classification")]
     config = tiny_config("unused", method=case.get("method", name), method_args=case.get("method_args"), batch=4,
                          max_length=24, task=case.get("task", "kdjax_reviews"), steps=2)
-    config.data.corpus.task = "kdjax_corpus" if teacher.config.head != "classification" else "kdjax_corpus"
     if case.get("pack"):
-        for key in ("train", "corpus"):
+        for key in ("train", "corpus", "task"):
             config.data[key].pack = True
-        config.data.task.task = "kdjax_corpus"
-        config.data.task.pack = True
     if teacher.config.head != "classification":
         config.data.task.task = "kdjax_corpus"
     for key, value in case.get("student", {}).items():
         config.student[key] = value
-    run = Distillation(config, teachers={"teacher": (teacher, 1.0)})
+    return Distillation(config, teachers={"teacher": (teacher, 1.0)}), case
+
+
+def case_batches(run, case, stage, steps=2):
+    """The stage's first `steps` batches (seed = stage), MLM-masked for MLM cases (seed = step)."""
     tok = tokenizer()
+    it = iter(make_stage_loader(run, stage, seed=stage))
+    for i in range(steps):
+        batch = next(it)
+        if case.get("mlm"):
+            batch = mlm_mask(batch, probability=0.3, mask_id=tok.mask_token_id, vocab_size=tok.vocab_size,
+                             special_ids=tok.all_special_ids, seed=i)
+        yield batch
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_recipe_runs_every_stage(name, teachers):
+    run, case = case_run(name, teachers)
     params = None
     for stage in range(run.num_stages):
         state = run.init_state(stage, params=params)
         before = {k: np.array(v) for k, v in flat_params(state.params).items()}
-        it = iter(make_stage_loader(run, stage, seed=stage))
-        for i in range(2):
-            batch = next(it)
-            if case.get("mlm"):
-                batch = mlm_mask(batch, probability=0.3, mask_id=tok.mask_token_id, vocab_size=tok.vocab_size,
-                                 special_ids=tok.all_special_ids, seed=i)
+        for batch in case_batches(run, case, stage):
             state, metrics = run.train_step(state, batch, stage=stage)
             values = metric_values(metrics)
             assert np.isfinite(values["loss"]), (run.method.stages[stage].name, values)
