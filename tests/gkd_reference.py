@@ -7,11 +7,12 @@ from kdjax.models.transformer import forward
 
 
 def config(method, method_args=None, steps=4, batch=8, max_length=16, student_layers=2, seed=3):
+    """A tiny run config of one method; `method_args` are that method's arguments (keyed by its name here)."""
     c = ml_collections.ConfigDict()
     c.teacher = dict(path="unused")
     c.student = dict(num_layers=student_layers, init="uniform")
     c.method = method
-    c.method_args = method_args or {}
+    c.method_args = {method: dict(method_args)} if method_args else {}
     c.data = dict(train=dict(task="kdjax_reviews", max_length=max_length, batch_size=batch, pack=False))
     c.train = dict(steps=steps, learning_rate=1e-3, warmup_steps=0, seed=seed)
     return c
