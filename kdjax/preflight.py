@@ -154,7 +154,7 @@ def check_safetensors(file: str) -> None:
 
 
 #: Globals a PyTorch state-dict pickle may name; `torch.load(weights_only=True)` accepts these.
-_SAFE_GLOBAL = re.compile(r"^(torch(\.|$)|collections (OrderedDict)$|_codecs encode$|builtins (set|frozenset|"
+_SAFE_GLOBAL = re.compile(r"^(torch(\.[\w.]+)?( \w+)?$|collections (OrderedDict)$|_codecs encode$|builtins (set|frozenset|"
                           r"bytearray|slice|int|float|complex|bool|tuple|list|dict|str)$|numpy\.core\.multiarray "
                           r"_reconstruct$|numpy (dtype|ndarray)$)")
 
