@@ -166,6 +166,13 @@ def validate_terms(terms: Sequence[Term], student: ModelConfig, teacher: ModelCo
             raise MethodError(f"term {term.name!r} ({term.fn}) needs equal head counts but the student has "
                               f"{student.num_heads} heads and the teacher {teacher.num_heads}; "
                               "use qkv_relation_kl (MiniLMv2 relation heads) instead")
+        if term.source in ("logits", "labels"):
+            headless = [who for who, c in (("student", student), ("teacher", teacher))
+                        if c.head == "base" and (who == "student" or term.source == "logits")]
+            if headless:
+                raise MethodError(f"term {term.name!r} reads {term.source} but the {headless[0]} has no head "
+                                  "(a bare encoder); set its head (e.g. teacher.head='mlm' or a classification "
+                                  "teacher) or choose a method without logit terms")
         if term.source == "logits":
             if student.head != teacher.head:
                 raise MethodError(f"term {term.name!r} compares logits of a '{student.head}' student with a "
