@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdir/quickstart
 PYTEST_ARGS ?=
+# The suite runs on this many processes (whole test files per process, so module fixtures are built once).
+TEST_WORKERS ?= 2
 export JAX_PLATFORMS ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 3
@@ -34,12 +36,12 @@ quickstart: $(VENV)/.deps
 	$(BIN)/python -m kdjax.main --config=configs/quickstart.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.test-deps
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The inner loop: everything but the end-to-end runs, notebooks, AOT plans and reference parity tests
 # (marked `slow`, see tests/conftest.py). `make test` and CI run them all.
 test-fast: $(VENV)/.test-deps
-	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(VENV)/.deps
 	$(BIN)/python benchmarks/step.py

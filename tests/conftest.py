@@ -6,6 +6,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+# The suite's programs are tiny, so compiling them costs far more than running them: skip XLA's LLVM
+# optimization passes (about 40% less compile time; HLO passes such as fusion, layout and sharding still run, so
+# numerics and memory plans are those of a normal build). Subprocesses (CLI tests) inherit the setting.
+# Modules that compile for real TPU topologies or read compiled-program analyses get the full pipeline back
+# (FULL_OPTIMIZATION_MODULES below); `KDJAX_TEST_FULL_OPT=1 make test` runs everything fully optimized.
+if os.environ.get("KDJAX_TEST_FULL_OPT") != "1":
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 
@@ -25,6 +32,9 @@ SLOW_MODULES = {
     "test_gkd_continuation_kd", "test_gkd_alp_kd", "test_gkd_sid", "test_gkd_uncertainty", "test_gkd_mt_bert",
     "test_gkd_theseus", "test_gkd_lrc_bert",
 }
+FULL_OPTIMIZATION_MODULES = {"test_plan", "test_roofline", "test_scale_moe", "test_activation_sharding",
+                             "test_benchmarks", "test_benchmark_latency"}
+
 SLOW_TESTS = {
     "test_distill.py": {"test_step_trains_student_not_teacher_and_compiles_once", "test_grad_accumulation_matches_full_batch",
                         "test_projection_is_trained_and_not_exported", "test_multi_teacher_ensemble_weights",
@@ -42,3 +52,23 @@ def pytest_collection_modifyitems(config, items):
         module = item.path.stem
         if module in SLOW_MODULES or item.originalname in SLOW_TESTS.get(item.path.name, ()):
             item.add_marker(pytest.mark.slow)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _full_optimization_for_compiled_analyses(request):
+    """Planner, roofline and benchmark tests compile with XLA's whole pipeline (see the top of this file),
+    in this process and in the subprocesses they start."""
+    if request.path.stem not in FULL_OPTIMIZATION_MODULES or not jax.config.read("jax_disable_most_optimizations"):
+        yield
+        return
+    env = os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", True)
+        if env is not None:
+            os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = env
