@@ -9,7 +9,8 @@ os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 # The suite's programs are tiny, so compiling them costs far more than running them: skip XLA's LLVM
 # optimization passes (about 40% less compile time; HLO passes such as fusion, layout and sharding still run, so
 # numerics and memory plans are those of a normal build). Subprocesses (CLI tests) inherit the setting.
-# Modules that compile for real TPU topologies or read compiled-program analyses get the full pipeline back
+# Modules that compile for real TPU topologies, read compiled-program analyses or compare with values recorded
+# from fully optimized programs (the engine's golden recipes) get the full pipeline back
 # (FULL_OPTIMIZATION_MODULES below); `KDJAX_TEST_FULL_OPT=1 make test` runs everything fully optimized.
 if os.environ.get("KDJAX_TEST_FULL_OPT") != "1":
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
@@ -32,7 +33,7 @@ SLOW_MODULES = {
     "test_gkd_continuation_kd", "test_gkd_alp_kd", "test_gkd_sid", "test_gkd_uncertainty", "test_gkd_mt_bert",
     "test_gkd_theseus", "test_gkd_lrc_bert",
 }
-FULL_OPTIMIZATION_MODULES = {"test_plan", "test_roofline", "test_scale_moe", "test_activation_sharding",
+FULL_OPTIMIZATION_MODULES = {"test_engine_golden", "test_plan", "test_roofline", "test_scale_moe", "test_activation_sharding",
                              "test_benchmarks", "test_benchmark_latency"}
 
 SLOW_TESTS = {
