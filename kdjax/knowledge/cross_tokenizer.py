@@ -207,13 +207,15 @@ class CrossTokenizerHook:
     first labeled position into a prompt and an answer. Both tokenizers encode ``prompt + answer`` with
     character offsets; a token is labeled when it starts in the answer. The batch gets
 
-    * ``input_ids``, ``attention_mask``, ``labels``: the teacher's re-encoding (width of the batch);
+    * ``input_ids``, ``attention_mask``, ``labels``: the teacher's re-encoding (width of the batch;
+      without labels in the batch every valid token is a label, as for language modeling);
     * ``student_input_ids``, ``student_attention_mask``, ``student_labels``: the student's;
     * ``xtok_teacher_index``, ``xtok_student_index``, ``xtok_mask`` ``[B, A]``: the pairs of
       :func:`align_offsets` whose segment ends in the answer (when the row has labels) and after which
       both sides still have a token (so both next-token predictions exist).
 
-    When the teacher's and the student's tokenizers are the same the batch passes through unchanged.
+    When the teacher's and the student's tokenizers are the same the batch passes through with the
+    identity alignment (:func:`identity_alignment`).
     """
 
     def __init__(self, student_length: Optional[int] = None):
@@ -237,7 +239,7 @@ class CrossTokenizerHook:
             from kdjax.vocab import same_tokenizer
             self._same[key] = same_tokenizer(teacher, student)
         if self._same[key]:
-            return dict(batch)
+            return identity_alignment(batch)
         return retokenize(batch, teacher, student, student_length=self.student_length)
 
     def state_dict(self) -> dict:
@@ -245,6 +247,23 @@ class CrossTokenizerHook:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         del state
+
+
+def identity_alignment(batch: Mapping[str, Any]) -> dict:
+    """The batch unchanged plus the alignment of one tokenization with itself: position ``i`` with ``i``
+    wherever token ``i`` and the next one are valid (and token ``i`` is labeled, when there are labels)."""
+    out = dict(batch)
+    ids = np.asarray(batch["input_ids"])
+    mask = np.asarray(batch.get("attention_mask", np.ones_like(ids))) == 1
+    pair = mask & np.pad(mask[:, 1:], ((0, 0), (0, 1)))
+    labels = batch.get("labels")
+    if labels is not None and np.shape(labels) == ids.shape:
+        pair &= np.asarray(labels) != -100
+    else:  # a plain corpus batch: every valid token is a language-modeling label
+        out["labels"] = np.where(mask, ids, -100).astype(np.int32)
+    index = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape).copy()
+    out.update(xtok_teacher_index=index, xtok_student_index=index.copy(), xtok_mask=pair.astype(np.int32))
+    return out
 
 
 def _encode(tokenizer, text: str, length: int):
@@ -306,8 +325,7 @@ def retokenize(batch: Mapping[str, Any], teacher_tokenizer, student_tokenizer, *
             t_index[r, k], s_index[r, k], pair_mask[r, k] = a, c, 1
     out.update(input_ids=t_ids, attention_mask=t_mask, student_input_ids=s_ids, student_attention_mask=s_mask,
                xtok_teacher_index=t_index, xtok_student_index=s_index, xtok_mask=pair_mask)
-    if labels_bs is not None:
-        out.update(labels=t_lab, student_labels=s_lab)
+    out.update(labels=t_lab, student_labels=s_lab)
     out.pop("token_type_ids", None)
     return out
 
