@@ -172,9 +172,11 @@ def test_one_line_errors(tmp_path):
         families.config_from_hf(hf)
     hf = transformers.Phi3Config(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                  pad_token_id=0, bos_token_id=1, eos_token_id=2).to_dict()
-    hf["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
-                             "long_factor": [1.0] * 4}
-    with pytest.raises(ConfigError, match=r"rope scaling 'longrope' is not supported"):
+    hf["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4}
+    with pytest.raises(ConfigError, match=r"rope scaling 'longrope' in config.json lacks long_factor$"):
+        families.config_from_hf(hf)
+    hf["rope_parameters"]["long_factor"] = [1.0] * 3
+    with pytest.raises(ConfigError, match=r"longrope long_factor has 3 entries; it needs head_dim / 2 = 4"):
         families.config_from_hf(hf)
     hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
     with pytest.raises(ConfigError, match=r"^partial_rotary_factor=0.5 is not supported"):
@@ -222,3 +224,44 @@ def test_every_family_param_gets_a_logical_axis(name):
     specs = kdjax.hub.flat_params(S.param_specs(abstract, mesh, S.merge_rules(S.DEFAULT_TEACHER_RULES,
                                                                                S.EXPERT_RULES)))
     assert set(specs) == set(kdjax.hub.flat_params(abstract))
+
+
+def _longrope_phi3(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.Phi3Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, max_position_embeddings=64, original_max_position_embeddings=8, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 1.7, 2.5], "long_factor": [1.1, 2.0, 5.0, 9.0]})
+    config._attn_implementation = "eager"
+    model = transformers.Phi3ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_phi3_longrope_parity_short_and_long_context_and_export(tmp_path):
+    """LongRoPE: short factors up to original_max_position_embeddings (8), long ones beyond, cos/sin scaled
+    by sqrt(1 + ln(64/8) / ln 8) = sqrt(2); logits equal transformers' on both sides and after export."""
+    ref = _longrope_phi3()
+    model = kdjax.load_pretrained(save_hf_model(ref, str(tmp_path / "hf")))
+    scaling = dict(model.config.rope_scaling)
+    assert scaling["rope_type"] == "longrope" and scaling["original_max_position_embeddings"] == 8
+    np.testing.assert_allclose(scaling["attention_factor"], np.sqrt(2.0), rtol=1e-12)
+    rng = np.random.default_rng(0)
+    outputs = {}
+    for seq in (6, 13):  # 6 <= 8: short factors; 13 > 8: long factors
+        ids = rng.integers(3, 64, size=(2, seq)).astype(np.int64)
+        mask = np.ones_like(ids)
+        ours = np.asarray(model(ids, mask).logits)
+        _assert_close(ours, torch_outputs(ref, ids, mask).logits.numpy(), f"logits (seq {seq})")
+        outputs[seq] = (ids, mask, ours)
+    # The long factors matter: the first 6 positions of the long batch differ from a short pass on them.
+    ids, mask, long_logits = outputs[13]
+    short_logits = np.asarray(model(ids[:, :6], mask[:, :6]).logits)
+    assert np.abs(short_logits - long_logits[:, :6]).max() > 1e-3
+    out_dir = kdjax.save_pretrained(model, str(tmp_path / "export"))
+    loaded = transformers.Phi3ForCausalLM.from_pretrained(out_dir, attn_implementation="eager").eval()
+    _assert_close(long_logits, torch_outputs(loaded, ids, mask).logits.numpy(), "exported logits")
+    assert kdjax.load_pretrained(out_dir).config == model.config

@@ -21,6 +21,7 @@ on the next axis (`[L, E, ...]`). Transforms:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 from kdjax.models.config import ROPE_SCALING_KEYS, SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, preset
@@ -146,11 +147,44 @@ def _rope_scaling(hf: dict) -> tuple:
     partial = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) or 1.0)
     if partial != 1.0:
         raise ConfigError(f"partial_rotary_factor={partial} is not supported (RoPE on the whole head only)")
+    if params and params.get("rope_type", params.get("type")) == "longrope":
+        return _longrope_from(params, hf)
     return _scaling_from(params)
 
 
+def _longrope_from(params: dict, hf: dict) -> tuple:
+    """Phi-3's LongRoPE: both factor lists, the original context and the resolved cos/sin scale.
+
+    As transformers does: `factor` defaults to `max_position_embeddings / original_max_position_embeddings`
+    and `attention_factor` to `sqrt(1 + ln(factor) / ln(original))` (1 when `factor <= 1`)."""
+    original = params.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
+    missing = [k for k, v in (("long_factor", params.get("long_factor")), ("short_factor", params.get("short_factor")),
+                              ("original_max_position_embeddings", original)) if v is None]
+    if missing:
+        raise ConfigError(f"rope scaling 'longrope' in config.json lacks {', '.join(missing)}")
+    original = int(original)
+    factor = params.get("factor")
+    if factor is None:
+        factor = float(hf.get("max_position_embeddings", original)) / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return (("attention_factor", float(attention)), ("long_factor", tuple(float(x) for x in params["long_factor"])),
+            ("original_max_position_embeddings", original), ("rope_type", "longrope"),
+            ("short_factor", tuple(float(x) for x in params["short_factor"])))
+
+
 def _rope_out(c: ModelConfig) -> dict:
-    return {"rope_type": "default", "rope_theta": c.rope_theta, **dict(c.rope_scaling)}
+    return {"rope_type": "default", "rope_theta": c.rope_theta,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in dict(c.rope_scaling).items()}}
+
+
+def _longrope_out(c: ModelConfig) -> dict:
+    """Phi-3 keeps `original_max_position_embeddings` at the top level of config.json as well."""
+    scaling = dict(c.rope_scaling)
+    if scaling.get("rope_type") != "longrope":
+        return {}
+    return dict(original_max_position_embeddings=scaling["original_max_position_embeddings"])
 
 
 def _decoder_read(hf: dict) -> dict:
@@ -301,7 +335,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            read=_chain(_decoder_read, _attention_bias, lambda hf: _window(hf, "use_sliding_window")),
            write=_chain(_decoder_write, _attention_bias_out, lambda c: _window_out(c, "use_sliding_window"))),
     Family("phi3", "Phi3", "model.", _DECODER_FIELDS, "decoder", read=_chain(_decoder_read, _window),
-           write=_chain(_decoder_write, _window_out), layout=_PHI3_LAYOUT),
+           write=_chain(_decoder_write, _window_out, _longrope_out), layout=_PHI3_LAYOUT),
     Family("gemma2", "Gemma2", "model.", _GEMMA_FIELDS, "decoder",
            read=_chain(_decoder_read, _attention_bias, _gemma2_read),
            write=_chain(_decoder_write, _attention_bias_out, _gemma_write), layout=_GEMMA_LAYOUT,

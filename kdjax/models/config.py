@@ -28,6 +28,9 @@ POSITION_EMBEDDINGS = ("learned", "rope", "none")
 ROPE_SCALING_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    # Phi-3 LongRoPE: per-frequency factors (short up to the original context, long beyond it) and the
+    # cos/sin scale `attention_factor` (resolved from the context ratio when config.json omits it).
+    "longrope": ("long_factor", "short_factor", "original_max_position_embeddings", "attention_factor"),
 }
 MOE_DISPATCHES = ("dense", "routed")
 CLASSIFIER_STYLES = ("bert_pooler", "roberta", "last_token")
@@ -194,8 +197,13 @@ class ModelConfig:
             missing = [k for k in required if k not in scaling]
             if missing:
                 bad(f"rope scaling {kind!r} needs {', '.join(missing)}; got {', '.join(sorted(scaling)) or 'nothing'}")
-            if float(scaling["factor"]) <= 0:
+            if "factor" in scaling and float(scaling["factor"]) <= 0:
                 bad(f"rope scaling factor must be positive, got {scaling['factor']}")
+            if kind == "longrope":
+                for key in ("long_factor", "short_factor"):
+                    if len(scaling[key]) != self.dim_per_head // 2:
+                        bad(f"longrope {key} has {len(scaling[key])} entries; it needs head_dim / 2 = "
+                            f"{self.dim_per_head // 2}")
         if self.layer_types:
             if len(self.layer_types) != self.num_layers:
                 bad(f"ModelConfig.layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")

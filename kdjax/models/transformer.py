@@ -112,7 +112,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarra
     blends the band between linearly in `original / wavelength`.
     """
     inv_freq = 1.0 / (float(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    if not scaling:
+    if not scaling or dict(scaling)["rope_type"] == "longrope":  # longrope: see rope_tables
         return inv_freq
     s = dict(scaling)
     factor = float(s["factor"])
@@ -130,10 +130,24 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarra
 
 
 def rope_tables(positions: Array, head_dim: int, theta: float, scaling: tuple = ()) -> tuple[Array, Array]:
-    """cos/sin tables [B, S, head_dim] in the rotate-half layout used by HF Llama checkpoints."""
+    """cos/sin tables [B, S, head_dim] in the rotate-half layout used by HF Llama checkpoints.
+
+    `longrope` (Phi-3) divides the frequencies by `short_factor` while the batch's largest position is
+    within `original_max_position_embeddings` and by `long_factor` beyond it (as transformers decides per
+    forward), and scales cos and sin by `attention_factor`.
+    """
     inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta, scaling), jnp.float32)
+    s = dict(scaling)
+    scale = 1.0
+    if s.get("rope_type") == "longrope":
+        short = jnp.asarray(inv_freq / np.asarray(s["short_factor"], np.float64), jnp.float32)
+        long = jnp.asarray(inv_freq / np.asarray(s["long_factor"], np.float64), jnp.float32)
+        inv_freq = jnp.where(jnp.max(positions) + 1 > int(s["original_max_position_embeddings"]), long, short)
+        scale = float(s["attention_factor"])
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
+    if scale != 1.0:
+        return jnp.cos(emb) * scale, jnp.sin(emb) * scale
     return jnp.cos(emb), jnp.sin(emb)
 
 
