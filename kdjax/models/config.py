@@ -98,6 +98,10 @@ class ModelConfig:
     # gets a fixed-size buffer of ceil(moe_capacity_factor * tokens * k / E) tokens, overflow is dropped.
     moe_dispatch: str = "dense"
     moe_capacity_factor: float = 1.25
+    # Layers of an MoE model whose FFN is a dense MLP of width intermediate_size (Qwen3-MoE's
+    # mlp_only_layers / decoder_sparse_step). Both FFNs are stored stacked over all layers; a layer
+    # uses one and the other's slice stays zero (not loaded, not exported).
+    dense_layers: tuple = ()
     qkv_bias: bool = True
     out_bias: bool = True  # attention output projection bias
     mlp_bias: bool = True
@@ -126,6 +130,8 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", tuple(sorted(dict(scaling).items())))
         elif self.rope_scaling is None:
             object.__setattr__(self, "rope_scaling", ())
+        if not isinstance(self.dense_layers, tuple):
+            object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers or ()))
         object.__setattr__(self, "layer_types", tuple(self.layer_types or ()))
         self.validate()
 
@@ -220,6 +226,13 @@ class ModelConfig:
                 bad("ModelConfig.num_experts > 0 needs gated_mlp=True (experts are gated MLPs)")
             if not float(self.moe_capacity_factor) > 0:
                 bad(f"ModelConfig.moe_capacity_factor must be positive, got {self.moe_capacity_factor}")
+        if self.dense_layers:
+            if not self.num_experts:
+                bad("ModelConfig.dense_layers applies to mixture-of-experts models (num_experts > 0)")
+            wrong = [i for i in self.dense_layers if not 0 <= int(i) < self.num_layers]
+            if wrong or list(self.dense_layers) != sorted(set(self.dense_layers)):
+                bad(f"ModelConfig.dense_layers must be sorted distinct layer indices in 0..{self.num_layers - 1}, "
+                    f"got {list(self.dense_layers)}")
         for field in ("dropout", "attention_dropout"):
             rate = getattr(self, field)
             if not 0.0 <= float(rate) < 1.0:
@@ -244,8 +257,10 @@ class ModelConfig:
         if self.out_bias:
             attn += d
         mlp = (3 if self.gated_mlp else 2) * d * f + ((f * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0)
+        dense_mlp = mlp
         if self.num_experts:
             mlp = self.num_experts * 3 * d * self.expert_size + d * self.num_experts
+            mlp += len(self.dense_layers) * (dense_mlp - mlp) / max(l, 1)  # per-layer average
         if self.qk_norm:
             attn += 2 * hd
         total = l * (attn + mlp + (4 if self.sandwich_norm else 2) * ln) + v * d
