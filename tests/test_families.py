@@ -309,3 +309,17 @@ def test_qwen3_moe_dense_layers_parity_and_export(tmp_path, scan_layers):
     for name, tensor in exported.items():
         np.testing.assert_allclose(tensor.numpy(), original[name].numpy(), atol=1e-6, err_msg=name)
     assert kdjax.load_pretrained(out_dir).config == model.config
+
+
+def test_student_of_a_mixed_moe_teacher_keeps_each_copied_layers_kind():
+    from kdjax.students import student_from
+    cfg = kdjax.preset("qwen3_moe", vocab_size=VOCAB, hidden_size=16, num_layers=4, num_heads=2, num_kv_heads=2,
+                       head_dim=8, intermediate_size=24, moe_intermediate_size=8, num_experts=4,
+                       num_experts_per_tok=2, dense_layers=(0, 2), head="causal_lm")
+    teacher = kdjax.Model.init(cfg, seed=0)
+    student = student_from(teacher, layers=(1, 2))
+    assert student.config.dense_layers == (1,)
+    t = kdjax.hub.api.flat_params(teacher.params)
+    s = kdjax.hub.api.flat_params(student.params)
+    np.testing.assert_array_equal(np.asarray(s["layers/mlp/up/kernel"][1]), np.asarray(t["layers/mlp/up/kernel"][2]))
+    np.testing.assert_array_equal(np.asarray(s["layers/moe/up"][0]), np.asarray(t["layers/moe/up"][1]))
