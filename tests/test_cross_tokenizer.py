@@ -109,10 +109,11 @@ def test_align_vocabularies_padding_and_mismatch(tokenizers):
     with pytest.raises(ValueError, match="tokenizer.*differ.*cross-tokenizer method"):
         vocab_lib.align_vocabularies(len(wp), len(bpe), wp, bpe)
     assert vocab_lib.align_vocabularies(len(wp), len(bpe), wp, bpe, cross_tokenizer=True) is None
-    with pytest.raises(ValueError, match="set student.vocab_size to"):
-        vocab_lib.align_vocabularies(n + 8, n + 56, wp, wp)
-    with pytest.raises(ValueError, match="fewer than its tokenizer"):
-        vocab_lib.align_vocabularies(n + 56, n - 1, wp, wp)
+    # Not a padding difference (student wider than the teacher, or narrower than the tokenizer): no slice,
+    # so the term check refuses logit terms over different widths.
+    assert vocab_lib.align_vocabularies(n + 8, n + 56, wp, wp) is None
+    assert vocab_lib.align_vocabularies(n + 56, n - 1, wp, wp) is None
+    assert vocab_lib.align_vocabularies(n + 56, n + 8, wp, None) is None
 
 
 def _causal(vocab, hidden=32, layers=1, seed=0, tokenizer=None):
