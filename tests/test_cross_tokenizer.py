@@ -283,8 +283,11 @@ def test_cross_tokenizer_recipes_train_step(tokenizers):
     assert run.vocab_map is None
     state = run.init_state(0)
     hooked = run.method.stages[0].data_hook(run, state, batch, None, stage=0, step=0)
+    evaluated = metric_values(run.evaluate_batch(state, batch, 0)[0])  # the hook re-encodes for evaluation too
     _, metrics = run.train_step(state, batch, 0)
     values = metric_values(metrics)
+    for name in ("term/uld/uld", "term/xtok_align/xtok_logits", "term/xtok_align/xtok_hidden"):
+        np.testing.assert_allclose(evaluated[name], values[name], rtol=1e-5)
     t_feed = {"input_ids": jnp.asarray(hooked["input_ids"]), "attention_mask": jnp.asarray(hooked["attention_mask"])}
     s_feed = {"input_ids": jnp.asarray(hooked["student_input_ids"]),
               "attention_mask": jnp.asarray(hooked["student_attention_mask"])}

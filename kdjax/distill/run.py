@@ -481,7 +481,14 @@ class Distillation:
 
     def evaluate_batch(self, state: step_lib.TrainState, batch: Mapping[str, Any], stage: int = 0):
         runner = self.runner(stage)
-        return runner.eval_fn(state.params, state.modules, self.teacher_params(stage), self.prepare_batch(batch))
+        hook = runner.stage.data_hook
+        extra: tuple = ()
+        if hook is not None and getattr(hook, "evaluation", False):
+            # A hook that only re-encodes the batch (no sampling, no state), e.g. the cross-tokenizer one.
+            before = set(batch)
+            batch = hook(self, state, batch, None, stage=stage, step=0)
+            extra = tuple(sorted(set(batch) - before))
+        return runner.eval_fn(state.params, state.modules, self.teacher_params(stage), self.prepare_batch(batch, extra))
 
     def prepare_batch(self, batch: Mapping[str, Any], extra: Sequence[str] = ()) -> dict:
         """The fields the step reads (plus `extra`: fields a data hook added), as device arrays."""

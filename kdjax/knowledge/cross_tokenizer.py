@@ -218,6 +218,8 @@ class CrossTokenizerHook:
     identity alignment (:func:`identity_alignment`).
     """
 
+    evaluation = True  # a pure re-encoding: `Distillation.evaluate_batch` applies it too
+
     def __init__(self, student_length: Optional[int] = None):
         self.student_length = student_length
         self._same: dict = {}

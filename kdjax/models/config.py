@@ -127,7 +127,8 @@ class ModelConfig:
         if isinstance(self.rope_scaling, Mapping) or hasattr(self.rope_scaling, "to_dict"):
             # A dict from a config file or a HF config: stored as sorted pairs to stay hashable.
             scaling = self.rope_scaling.to_dict() if hasattr(self.rope_scaling, "to_dict") else self.rope_scaling
-            object.__setattr__(self, "rope_scaling", tuple(sorted(dict(scaling).items())))
+            object.__setattr__(self, "rope_scaling", tuple(sorted(
+                (k, tuple(v) if isinstance(v, list) else v) for k, v in dict(scaling).items())))
         elif self.rope_scaling is None:
             object.__setattr__(self, "rope_scaling", ())
         if not isinstance(self.dense_layers, tuple):
