@@ -310,3 +310,20 @@ def test_cross_tokenizer_recipes_train_step(tokenizers):
             kls.append((p * np.log(p / q)).sum())
     np.testing.assert_allclose(values["term/xtok_align/xtok_logits"], np.mean(kls), rtol=1e-4)
     assert np.isfinite(values["term/xtok_align/xtok_hidden"])
+
+
+def test_config_tokenizer_paths_replace_the_checkpoints(tokenizers, tmp_path):
+    """`student.tokenizer` / `teacher.tokenizer` name the tokenizers a run compares (no compile here)."""
+    wp = tokenizers["wordpiece"]
+    teacher = _causal(len(wp), tokenizer=wp)
+    student = _causal(len(wp), seed=1, tokenizer=wp)
+    config = _config("kd")
+    config.student.tokenizer = tokenizers["bpe_dir"]
+    with pytest.raises(ConfigError, match="teacher 'teacher': the teacher's tokenizer .* differ"):
+        Distillation(config, teachers={"teacher": (teacher, 1.0)}, student=student)
+    config.teacher.tokenizer = tokenizers["bpe_dir"]  # both BPE now: the same tokenizer, nothing to align
+    run = Distillation(config, teachers={"teacher": (teacher, 1.0)}, student=student)
+    assert run.vocab_map is None and len(run.tokenizers["teacher"]) == len(tokenizers["bpe"])
+    config.student.tokenizer = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="cannot load the tokenizer at .*missing"):
+        Distillation(config, teachers={"teacher": (teacher, 1.0)}, student=student)
