@@ -105,6 +105,7 @@ def _teacher(path=""):
         "remat_policy": Field(str, None, choices=REMAT),
         "rules": Field(dict, {}, doc="logical-axis rule overrides"),
         "model": Field(dict, {}, doc="ModelConfig fields, for kdjax.plan (no weights)"),
+        "tokenizer": Field(str, None, doc="tokenizer directory; default: the checkpoint's own tokenizer files"),
     })
 
 
@@ -153,6 +154,7 @@ SCHEMA = Section({
         "remat_policy": Field(str, None, choices=REMAT),
         "rules": Field(dict, {}),
         "model": Field(dict, {}),
+        "tokenizer": Field(str, None, doc="tokenizer directory; default: the student checkpoint's or the teacher's"),
     }),
     "method": Field(str, "kd", doc="a method or a mix, e.g. 'minilmv2+unified' or 'kd*0.5+minilmv2'"),
     "method_args": Section({}, entries=Field(dict, {}), doc="keyed by method name: method_args.<method>.<arg>"),

@@ -85,6 +85,12 @@ def student_from(teacher: Model, *, num_layers: Optional[int] = None,
         init = layers
     if num_layers is None:
         num_layers = len(init) if not isinstance(init, str) else teacher.config.num_layers
+    if teacher.config.dense_layers and "dense_layers" not in config_overrides:
+        # A copied layer keeps its kind (dense MLP or experts); a random student keeps the indices that exist.
+        copied = student_layers(teacher.config.num_layers, num_layers, init)
+        config_overrides["dense_layers"] = tuple(
+            j for j, t in enumerate(copied) if t in teacher.config.dense_layers) if copied is not None else tuple(
+            i for i in teacher.config.dense_layers if i < num_layers)
     config = student_config(teacher.config, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
                                                     num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
                                                     head=head, **config_overrides)

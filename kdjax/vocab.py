@@ -680,3 +680,61 @@ def load_tokenizer(directory: str | os.PathLike, **tokenizer_kwargs: Any) -> Any
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(os.fspath(directory), **tokenizer_kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher and student vocabularies of one run
+# --------------------------------------------------------------------------------------------------
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two Hugging Face tokenizers map every token string to the same id (and agree on the
+    special tokens); the padded rows of a model's embedding are not part of either."""
+    if a is b:
+        return True
+    if len(a) != len(b) or a.get_vocab() != b.get_vocab():
+        return False
+    return list(a.all_special_ids) == list(b.all_special_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitSlice:
+    """``logits[..., :width]``: a teacher's logits cut to the student's width (padded head rows dropped).
+
+    A hashable callable, used as the run's teacher-logit map (the same hook GLMD's slice uses)."""
+
+    width: int
+
+    def __call__(self, logits_v: Any) -> Any:
+        return logits_v[..., : self.width]
+
+
+def align_vocabularies(teacher_size: int, student_size: int, teacher_tokenizer: Any = None,
+                       student_tokenizer: Any = None, *, cross_tokenizer: bool = False) -> LogitSlice | None:
+    """How a run compares teacher and student logits whose vocabularies may differ.
+
+    * Different tokenizers (both known and :func:`same_tokenizer` is false): a ``ValueError`` unless
+      the method is a cross-tokenizer one (``cross_tokenizer=True``), which handles the mismatch itself.
+    * The same tokenizer and the same logit width, or a cross-tokenizer method: ``None`` (nothing to do).
+    * The same tokenizer, the teacher's head padded to more rows than the student's (e.g. 152064 vs
+      151936 for a 151665-token tokenizer): a :class:`LogitSlice` that cuts the teacher's logits to the
+      student's width, which still covers every token of the tokenizer.
+    * Anything else (unknown tokenizers, a student head wider than the teacher's or narrower than the
+      tokenizer): ``None``; the run's term check then refuses logit terms over different widths.
+    """
+    teacher_size, student_size = int(teacher_size), int(student_size)
+    if teacher_tokenizer is not None and student_tokenizer is not None:
+        if not same_tokenizer(teacher_tokenizer, student_tokenizer):
+            if cross_tokenizer:
+                return None
+            raise ValueError(
+                f"the teacher's tokenizer ({len(teacher_tokenizer)} tokens) and the student's "
+                f"({len(student_tokenizer)} tokens) differ; use the teacher's tokenizer for the student or a "
+                "cross-tokenizer method (uld, xtok_align)")
+    if cross_tokenizer or teacher_size == student_size:
+        return None
+    if teacher_tokenizer is None or student_tokenizer is None:
+        return None
+    if teacher_size > student_size >= len(teacher_tokenizer):
+        return LogitSlice(student_size)
+    return None  # not a padding difference: the term check refuses logit terms over different widths

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import kdjax
-from hf_fixtures import HEAD_CLASSES, NEW_CASES, make_hf_model, padded_batch, save_hf_model, torch_outputs
+from hf_fixtures import HEAD_CLASSES, NEW_CASES, VOCAB, make_hf_model, padded_batch, save_hf_model, torch_outputs
 from kdjax.hub import families
 from kdjax.models.config import SUPPORTED_MODEL_TYPES, ConfigError
 from kdjax.models.moe import load_balancing_loss, router_aux_loss
@@ -161,20 +161,21 @@ def test_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"^unknown model_type 'gemma7'; supported: .*qwen3_moe") as e:
         families.config_from_hf({"model_type": "gemma7"})
     assert "\n" not in str(e.value)
-    hf = transformers.Qwen3MoeConfig(vocab_size=32, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
-                                     num_experts=4, decoder_sparse_step=2).to_dict()
-    with pytest.raises(ConfigError, match=r"qwen3_moe with dense layers \[0, 2\] \(decoder_sparse_step=2") as e:
-        families.config_from_hf(hf)
-    assert "\n" not in str(e.value)
-    hf = transformers.Qwen3MoeConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     num_experts=4, mlp_only_layers=[1]).to_dict()
-    with pytest.raises(ConfigError, match=r"mlp_only_layers=\[1\]"):
+    hf = transformers.Qwen3MoeConfig(vocab_size=32, hidden_size=16, num_hidden_layers=5, num_attention_heads=2,
+                                     num_key_value_heads=2, num_experts_per_tok=2,
+                                     num_experts=4, decoder_sparse_step=2, mlp_only_layers=[3]).to_dict()
+    # transformers' rule: layer i is sparse iff i is not MLP-only and (i + 1) % decoder_sparse_step == 0.
+    assert families.config_from_hf(hf).dense_layers == (0, 2, 3, 4)
+    hf["mlp_only_layers"] = [7]
+    with pytest.raises(ConfigError, match=r"^qwen3_moe mlp_only_layers \[7\] lie outside the model's 5 layers$"):
         families.config_from_hf(hf)
     hf = transformers.Phi3Config(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                  pad_token_id=0, bos_token_id=1, eos_token_id=2).to_dict()
-    hf["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
-                             "long_factor": [1.0] * 4}
-    with pytest.raises(ConfigError, match=r"rope scaling 'longrope' is not supported"):
+    hf["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4}
+    with pytest.raises(ConfigError, match=r"rope scaling 'longrope' in config.json lacks long_factor$"):
+        families.config_from_hf(hf)
+    hf["rope_parameters"]["long_factor"] = [1.0] * 3
+    with pytest.raises(ConfigError, match=r"longrope long_factor has 3 entries; it needs head_dim / 2 = 4"):
         families.config_from_hf(hf)
     hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
     with pytest.raises(ConfigError, match=r"^partial_rotary_factor=0.5 is not supported"):
@@ -222,3 +223,103 @@ def test_every_family_param_gets_a_logical_axis(name):
     specs = kdjax.hub.flat_params(S.param_specs(abstract, mesh, S.merge_rules(S.DEFAULT_TEACHER_RULES,
                                                                                S.EXPERT_RULES)))
     assert set(specs) == set(kdjax.hub.flat_params(abstract))
+
+
+def _longrope_phi3(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.Phi3Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, max_position_embeddings=64, original_max_position_embeddings=8, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 1.7, 2.5], "long_factor": [1.1, 2.0, 5.0, 9.0]})
+    config._attn_implementation = "eager"
+    model = transformers.Phi3ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_phi3_longrope_parity_short_and_long_context_and_export(tmp_path):
+    """LongRoPE: short factors up to original_max_position_embeddings (8), long ones beyond, cos/sin scaled
+    by sqrt(1 + ln(64/8) / ln 8) = sqrt(2); logits equal transformers' on both sides and after export."""
+    ref = _longrope_phi3()
+    model = kdjax.load_pretrained(save_hf_model(ref, str(tmp_path / "hf")))
+    scaling = dict(model.config.rope_scaling)
+    assert scaling["rope_type"] == "longrope" and scaling["original_max_position_embeddings"] == 8
+    np.testing.assert_allclose(scaling["attention_factor"], np.sqrt(2.0), rtol=1e-12)
+    rng = np.random.default_rng(0)
+    outputs = {}
+    for seq in (6, 13):  # 6 <= 8: short factors; 13 > 8: long factors
+        ids = rng.integers(3, 64, size=(2, seq)).astype(np.int64)
+        mask = np.ones_like(ids)
+        ours = np.asarray(model(ids, mask).logits)
+        _assert_close(ours, torch_outputs(ref, ids, mask).logits.numpy(), f"logits (seq {seq})")
+        outputs[seq] = (ids, mask, ours)
+    # The long factors matter: the first 6 positions of the long batch differ from a short pass on them.
+    ids, mask, long_logits = outputs[13]
+    short_logits = np.asarray(model(ids[:, :6], mask[:, :6]).logits)
+    assert np.abs(short_logits - long_logits[:, :6]).max() > 1e-3
+    out_dir = kdjax.save_pretrained(model, str(tmp_path / "export"))
+    loaded = transformers.Phi3ForCausalLM.from_pretrained(out_dir, attn_implementation="eager").eval()
+    _assert_close(long_logits, torch_outputs(loaded, ids, mask).logits.numpy(), "exported logits")
+    assert kdjax.load_pretrained(out_dir).config == model.config
+
+
+def _mixed_qwen3_moe(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=40, moe_intermediate_size=20, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+        max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=False, mlp_only_layers=[0, 2])
+    config._attn_implementation = "eager"
+    model = transformers.Qwen3MoeForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_qwen3_moe_dense_layers_parity_and_export(tmp_path, scan_layers):
+    """Qwen3-MoE with MLP-only layers 0 and 2: scanned (a per-layer flag picks the FFN) and unrolled (each
+    layer runs its own FFN) both match transformers, router logits of the MoE layers included, and the
+    export reproduces every tensor."""
+    ref = _mixed_qwen3_moe()
+    model = kdjax.load_pretrained(save_hf_model(ref, str(tmp_path / "hf")), scan_layers=scan_layers)
+    assert model.config.dense_layers == (0, 2)
+    ids, mask = padded_batch("qwen3_moe")
+    out = model(ids, mask, taps=("hidden_states", "router_logits"))
+    r = torch_outputs(ref, ids, mask)
+    for i, (a, b) in enumerate(zip(out.hidden_states, r.hidden_states)):
+        _assert_close(a, b.numpy(), f"hidden_states[{i}]", mask)
+    _assert_close(out.logits, r.logits.numpy(), "logits", mask)
+    theirs = _router_logits_torch(ref, ids, mask)
+    ours = np.asarray(out.intermediates.router_logits)
+    assert len(theirs) == ours.shape[0] == 2
+    for i, b in enumerate(theirs):
+        _assert_close(ours[i].reshape(-1, ours.shape[-1]), b.numpy(), f"router_logits[{i}]", mask.reshape(-1))
+    if not scan_layers:
+        return
+    out_dir = kdjax.save_pretrained(model, str(tmp_path / "export"))
+    loaded = transformers.Qwen3MoeForCausalLM.from_pretrained(out_dir, attn_implementation="eager").eval()
+    original = ref.state_dict()
+    exported = loaded.state_dict()
+    assert set(exported) == set(original)
+    for name, tensor in exported.items():
+        np.testing.assert_allclose(tensor.numpy(), original[name].numpy(), atol=1e-6, err_msg=name)
+    assert kdjax.load_pretrained(out_dir).config == model.config
+
+
+def test_student_of_a_mixed_moe_teacher_keeps_each_copied_layers_kind():
+    from kdjax.students import student_from
+    cfg = kdjax.preset("qwen3_moe", vocab_size=VOCAB, hidden_size=16, num_layers=4, num_heads=2, num_kv_heads=2,
+                       head_dim=8, intermediate_size=24, moe_intermediate_size=8, num_experts=4,
+                       num_experts_per_tok=2, dense_layers=(0, 2), head="causal_lm")
+    teacher = kdjax.Model.init(cfg, seed=0)
+    student = student_from(teacher, layers=(1, 2))
+    assert student.config.dense_layers == (1,)
+    t = kdjax.hub.api.flat_params(teacher.params)
+    s = kdjax.hub.api.flat_params(student.params)
+    np.testing.assert_array_equal(np.asarray(s["layers/mlp/up/kernel"][1]), np.asarray(t["layers/mlp/up/kernel"][2]))
+    np.testing.assert_array_equal(np.asarray(s["layers/moe/up"][0]), np.asarray(t["layers/moe/up"][1]))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from distill_fixtures import tiny_config, tiny_teacher, tokenizer
+from distill_fixtures import MINILM, tiny_config, tiny_teacher, tokenizer
 from kdjax.distill import Distillation, metric_values
 from kdjax.distill.trainer import make_stage_loader, mlm_mask
 from kdjax.hub.api import flat_params
@@ -37,6 +37,9 @@ CASES = {
     "mt_bert": dict(),
     "theseus": dict(),
     "lrc_bert": dict(),
+    "uld": dict(teacher="causal_lm", task="kdjax_corpus"),
+    "xtok_align": dict(teacher="causal_lm", task="kdjax_corpus",
+                       method_args={"teacher_tokenizer": MINILM, "student_tokenizer": MINILM}),
 }
 
 

@@ -150,6 +150,18 @@ def load_teachers(config, mesh=None) -> dict[str, tuple[Model, float]]:
     return teachers
 
 
+def _override_tokenizer(path: Optional[str], tokenizer):
+    """The tokenizer at `path` (a `teacher.tokenizer` / `student.tokenizer` directory), else `tokenizer`."""
+    if not path:
+        return tokenizer
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(path))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the tokenizer at {path!r} ({type(e).__name__}); point it at a "
+                          "directory with tokenizer files") from None
+
+
 def _is_safetensors_dir(path: str) -> bool:
     from kdjax.hub import checkpoint as ckpt
     try:
@@ -308,10 +320,43 @@ class Distillation:
         self._runners: dict[int, StageRunner] = {}
         self._stage_student: dict[int, Model] = {}
         self.vocab_map = self.compression.slice_teacher_logits if self.compression is not None else None
+        if self.compression is None:
+            self.vocab_map = self._align_vocabularies()
         for i, stage in enumerate(self.method.stages):
             for t_name, (teacher, _) in self._stage_teachers(stage).items():
                 terms_lib.validate_terms(stage.terms, self._student_config_for(stage), teacher.config,
                                                                   vocab_map=self.vocab_map is not None)
+
+    def _align_vocabularies(self):
+        """The teacher-logit map for a head padded beyond the shared tokenizer (one log line), None when the
+        vocabularies agree; a one-line error when the tokenizers differ and no term compares across them."""
+        from kdjax import knowledge as _knowledge  # noqa: F401  (registers the built-in kinds)
+        from kdjax import vocab as vocab_lib
+        from kdjax.knowledge import registry
+        cross = any(registry.get(t.fn).cross_vocab for stage in self.method.stages for t in stage.terms
+                    if t.fn in registry.KNOWLEDGE)
+        student_tok = _override_tokenizer(_cfg_get(_cfg_get(self.config, "student"), "tokenizer"),
+                                          self.student.tokenizer)
+        self.tokenizers = {"student": student_tok}
+        maps = set()
+        for name, spec in teacher_specs(self.config).items():
+            if name not in self.teachers:
+                continue
+            teacher = self.teachers[name][0]
+            teacher_tok = _override_tokenizer(spec.get("tokenizer"), teacher.tokenizer)
+            self.tokenizers[name] = teacher_tok
+            try:
+                fn = vocab_lib.align_vocabularies(teacher.config.vocab_size, self.student.config.vocab_size,
+                                                  teacher_tok, student_tok, cross_tokenizer=cross)
+            except ValueError as e:
+                raise ConfigError(f"teacher {name!r}: {e}") from None
+            if fn is not None:
+                log.info("teacher %r: logits sliced from %d to %d rows (padded head, same %d-token tokenizer)",
+                         name, teacher.config.vocab_size, fn.width, len(teacher_tok))
+            maps.add(fn)
+        if len(maps) > 1:
+            raise ConfigError("the teachers' heads are padded differently; give every teacher the same vocab size")
+        return maps.pop() if maps else None
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -436,12 +481,19 @@ class Distillation:
 
     def evaluate_batch(self, state: step_lib.TrainState, batch: Mapping[str, Any], stage: int = 0):
         runner = self.runner(stage)
-        return runner.eval_fn(state.params, state.modules, self.teacher_params(stage), self.prepare_batch(batch))
+        hook = runner.stage.data_hook
+        extra: tuple = ()
+        if hook is not None and getattr(hook, "evaluation", False):
+            # A hook that only re-encodes the batch (no sampling, no state), e.g. the cross-tokenizer one.
+            before = set(batch)
+            batch = hook(self, state, batch, None, stage=stage, step=0)
+            extra = tuple(sorted(set(batch) - before))
+        return runner.eval_fn(state.params, state.modules, self.teacher_params(stage), self.prepare_batch(batch, extra))
 
     def prepare_batch(self, batch: Mapping[str, Any], extra: Sequence[str] = ()) -> dict:
         """The fields the step reads (plus `extra`: fields a data hook added), as device arrays."""
         keep = ("input_ids", "attention_mask", "token_type_ids", "labels", "position_ids", "student_input_ids",
-                "student_labels", *extra)
+                "student_labels", "student_attention_mask", *extra)
         out = {k: jnp.asarray(v) for k, v in batch.items() if k in keep}
         if self.student.config.type_vocab_size == 0 and all(m.config.type_vocab_size == 0 for m, _ in self.teachers.values()):
             out.pop("token_type_ids", None)

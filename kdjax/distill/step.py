@@ -142,6 +142,8 @@ def student_view(batch: Mapping[str, Any]) -> dict:
     view = dict(batch, input_ids=batch["student_input_ids"])
     if "student_labels" in batch:
         view["labels"] = batch["student_labels"]
+    if "student_attention_mask" in batch:  # another tokenization of the same text (cross-tokenizer methods)
+        view["attention_mask"] = batch["student_attention_mask"]
     return view
 
 

@@ -177,7 +177,8 @@ def validate_terms(terms: Sequence[Term], student: ModelConfig, teacher: ModelCo
             if student.head != teacher.head:
                 raise MethodError(f"term {term.name!r} compares logits of a '{student.head}' student with a "
                                   f"'{teacher.head}' teacher; give both the same head")
-            if student.head in LM_HEADS and student.vocab_size != teacher.vocab_size and not vocab_map:
+            if student.head in LM_HEADS and student.vocab_size != teacher.vocab_size and not vocab_map \
+                    and not spec.cross_vocab:
                 raise MethodError(f"term {term.name!r}: student vocabulary ({student.vocab_size}) differs from the "
                                   f"teacher's ({teacher.vocab_size}); use the same tokenizer or GLMD vocabulary "
                                   "compression")

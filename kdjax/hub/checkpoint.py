@@ -283,6 +283,8 @@ def load_flat_params(directory: str, config: ModelConfig, expected_shapes: dict[
         expect = tuple(want[int(r.per_layer) + int(r.per_expert):])
 
         def read(names):  # nested [L][E] names -> the stacked kdjax array
+            if names is None:  # a layer without this tensor (an MoE model's dense layer, or the reverse)
+                return np.zeros(expect, np.float32)
             if not isinstance(names, str):
                 return np.stack([read(n) for n in names])
             raw = reader.get(concrete[names])
@@ -315,6 +317,8 @@ def export_tensors(config: ModelConfig, flat: dict[str, np.ndarray]) -> dict[str
         value = np.asarray(flat[r.path])
 
         def collect(names, part):  # walk the nested [L][E] names alongside the stacked array
+            if names is None:  # not a tensor of this layer
+                return
             if isinstance(names, str):
                 out.setdefault(names, []).append((r.transform, part))
             else:

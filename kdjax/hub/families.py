@@ -21,6 +21,7 @@ on the next axis (`[L, E, ...]`). Transforms:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 from kdjax.models.config import ROPE_SCALING_KEYS, SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, preset
@@ -146,11 +147,44 @@ def _rope_scaling(hf: dict) -> tuple:
     partial = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) or 1.0)
     if partial != 1.0:
         raise ConfigError(f"partial_rotary_factor={partial} is not supported (RoPE on the whole head only)")
+    if params and params.get("rope_type", params.get("type")) == "longrope":
+        return _longrope_from(params, hf)
     return _scaling_from(params)
 
 
+def _longrope_from(params: dict, hf: dict) -> tuple:
+    """Phi-3's LongRoPE: both factor lists, the original context and the resolved cos/sin scale.
+
+    As transformers does: `factor` defaults to `max_position_embeddings / original_max_position_embeddings`
+    and `attention_factor` to `sqrt(1 + ln(factor) / ln(original))` (1 when `factor <= 1`)."""
+    original = params.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
+    missing = [k for k, v in (("long_factor", params.get("long_factor")), ("short_factor", params.get("short_factor")),
+                              ("original_max_position_embeddings", original)) if v is None]
+    if missing:
+        raise ConfigError(f"rope scaling 'longrope' in config.json lacks {', '.join(missing)}")
+    original = int(original)
+    factor = params.get("factor")
+    if factor is None:
+        factor = float(hf.get("max_position_embeddings", original)) / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return (("attention_factor", float(attention)), ("long_factor", tuple(float(x) for x in params["long_factor"])),
+            ("original_max_position_embeddings", original), ("rope_type", "longrope"),
+            ("short_factor", tuple(float(x) for x in params["short_factor"])))
+
+
 def _rope_out(c: ModelConfig) -> dict:
-    return {"rope_type": "default", "rope_theta": c.rope_theta, **dict(c.rope_scaling)}
+    return {"rope_type": "default", "rope_theta": c.rope_theta,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in dict(c.rope_scaling).items()}}
+
+
+def _longrope_out(c: ModelConfig) -> dict:
+    """Phi-3 keeps `original_max_position_embeddings` at the top level of config.json as well."""
+    scaling = dict(c.rope_scaling)
+    if scaling.get("rope_type") != "longrope":
+        return {}
+    return dict(original_max_position_embeddings=scaling["original_max_position_embeddings"])
 
 
 def _decoder_read(hf: dict) -> dict:
@@ -256,25 +290,29 @@ def _mixtral_write(c: ModelConfig) -> dict:
 
 
 def _qwen3_moe_read(hf: dict) -> dict:
+    # As transformers decides: layer i is sparse when it is not in mlp_only_layers and (i + 1) is a
+    # multiple of decoder_sparse_step; the others are dense MLPs of width intermediate_size.
     step = int(hf.get("decoder_sparse_step", 1) or 1)
-    dense_layers = sorted(set(hf.get("mlp_only_layers") or ()) | {
-        i for i in range(hf["num_hidden_layers"]) if (i + 1) % step})
-    if dense_layers:
-        raise ConfigError(f"qwen3_moe with dense layers {dense_layers} (decoder_sparse_step={step}, mlp_only_layers="
-                          f"{hf.get('mlp_only_layers') or []}) is not supported; only all-sparse layers are")
+    num_layers = int(hf["num_hidden_layers"])
+    wrong = [i for i in hf.get("mlp_only_layers") or () if not 0 <= int(i) < num_layers]
+    if wrong:
+        raise ConfigError(f"qwen3_moe mlp_only_layers {wrong} lie outside the model's {num_layers} layers")
+    dense_layers = tuple(sorted({int(i) for i in hf.get("mlp_only_layers") or ()} | {
+        i for i in range(num_layers) if (i + 1) % step}))
     experts = hf.get("num_experts") or hf.get("num_local_experts")
     if not experts:
         raise ConfigError("qwen3_moe config.json lacks num_experts (or num_local_experts)")
     return dict(num_experts=experts, num_experts_per_tok=hf.get("num_experts_per_tok", 8),
                 moe_intermediate_size=hf.get("moe_intermediate_size"),
                 norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-                router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001))
+                router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001), dense_layers=dense_layers)
 
 
 def _qwen3_moe_write(c: ModelConfig) -> dict:
     return dict(num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                 moe_intermediate_size=c.expert_size, norm_topk_prob=c.norm_topk_prob,
-                router_aux_loss_coef=c.router_aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[])
+                router_aux_loss_coef=c.router_aux_loss_coef, decoder_sparse_step=1,
+                mlp_only_layers=list(c.dense_layers))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,7 +339,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            read=_chain(_decoder_read, _attention_bias, lambda hf: _window(hf, "use_sliding_window")),
            write=_chain(_decoder_write, _attention_bias_out, lambda c: _window_out(c, "use_sliding_window"))),
     Family("phi3", "Phi3", "model.", _DECODER_FIELDS, "decoder", read=_chain(_decoder_read, _window),
-           write=_chain(_decoder_write, _window_out), layout=_PHI3_LAYOUT),
+           write=_chain(_decoder_write, _window_out, _longrope_out), layout=_PHI3_LAYOUT),
     Family("gemma2", "Gemma2", "model.", _GEMMA_FIELDS, "decoder",
            read=_chain(_decoder_read, _attention_bias, _gemma2_read),
            write=_chain(_decoder_write, _attention_bias_out, _gemma_write), layout=_GEMMA_LAYOUT,
@@ -396,6 +434,7 @@ class WeightRow:
     hf: str  # may contain {i} (layer) and {e} (expert)
     path: str  # kdjax flat path, "/"-separated; layer rows start with "layers/"
     transform: str = "copy"
+    layers: Optional[tuple] = None  # the layers that have this tensor (None: all); the others' slices are zero
 
     @property
     def per_layer(self) -> bool:
@@ -407,8 +446,12 @@ class WeightRow:
 
 
 def row_names(row: WeightRow, config: ModelConfig) -> Any:
-    """The HF tensor names of one row, nested like the kdjax stack: `[L][E]`, `[L]` or a single name."""
+    """The HF tensor names of one row, nested like the kdjax stack: `[L][E]`, `[L]` or a single name.
+
+    A layer outside `row.layers` has no tensor: its name is None (its slice of the stack is zeros)."""
     def experts(i):
+        if row.layers is not None and i not in row.layers:
+            return [None] * config.num_experts if row.per_expert else None
         if row.per_expert:
             return [row.hf.format(i=i, e=e) for e in range(config.num_experts)]
         return row.hf.format(i=i) if row.per_layer else row.hf
@@ -418,6 +461,8 @@ def row_names(row: WeightRow, config: ModelConfig) -> Any:
 
 
 def flat_names(nested: Any) -> list[str]:
+    if nested is None:  # a layer without this tensor
+        return []
     if isinstance(nested, str):
         return [nested]
     return [n for item in nested for n in flat_names(item)]
@@ -501,9 +546,16 @@ def _decoder_rows(c: ModelConfig, layout: Layout) -> list[WeightRow]:
         rows += _norm(lay + hf_name, "layers/" + path, c)
     if c.num_experts:
         block = lay + layout.moe_block + "."
-        rows += _linear(block + "gate", "layers/moe/router", False)
+        sparse = tuple(i for i in range(c.num_layers) if i not in c.dense_layers) if c.dense_layers else None
+        moe_rows = _linear(block + "gate", "layers/moe/router", False)
         for hf_name, path in zip(layout.expert_names, ("gate", "up", "down")):
-            rows.append(WeightRow(block + "experts.{e}." + hf_name + ".weight", "layers/moe/" + path, "linear"))
+            moe_rows.append(WeightRow(block + "experts.{e}." + hf_name + ".weight", "layers/moe/" + path, "linear"))
+        rows += [dataclasses.replace(r, layers=sparse) for r in moe_rows]
+        if c.dense_layers:  # Qwen3-MoE's dense layers: a gated MLP under the same `mlp.` prefix
+            dense_rows = []
+            for name, path in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
+                dense_rows += _linear(lay + "mlp." + name, "layers/mlp/" + path, c.mlp_bias)
+            rows += [dataclasses.replace(r, layers=tuple(c.dense_layers)) for r in dense_rows]
     elif layout.fused_gate_up:
         rows += _fused_linear(lay + "mlp." + layout.fused_gate_up, [
             ("layers/mlp/gate", c.intermediate_size), ("layers/mlp/up", c.intermediate_size)], c.mlp_bias)

@@ -260,6 +260,9 @@ class _ParamLoader:
         before = self.reader.stats.process_bytes
 
         def read(tensors, inner):  # leading stacked axes (layers, experts) select which tensors to open
+            if tensors is None:  # a layer without this tensor: its block is zeros
+                dims = self.shape[len(self.shape) - len(inner):]
+                return np.zeros(tuple(len(range(*sl.indices(n))) for sl, n in zip(inner, dims)), self.dtype)
             if isinstance(tensors, str):
                 return self._read_one(tensors, inner)
             return np.stack([read(tensors[i], inner[1:]) for i in range(len(tensors))[inner[0]]])

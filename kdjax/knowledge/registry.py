@@ -215,6 +215,7 @@ class Knowledge:
     head_sensitive: bool = False
     chunkable: bool = False
     per_token: bool = True  # the loss is a mean over examples/tokens (per-example losses are well defined)
+    cross_vocab: bool = False  # compares distributions over different vocabularies (cross-tokenizer terms)
 
 
 KNOWLEDGE: dict[str, Knowledge] = {}
@@ -222,7 +223,7 @@ KNOWLEDGE: dict[str, Knowledge] = {}
 
 def knowledge(name: str, *, sources: Sequence[str], fn: Optional[Callable] = None, taps: Optional[TapsFn] = None,
               projectable: bool = False, head_sensitive: bool = False, chunkable: bool = False,
-              per_token: bool = True) -> Callable[[Apply], Apply]:
+              per_token: bool = True, cross_vocab: bool = False) -> Callable[[Apply], Apply]:
     """Register `apply(ctx, term) -> (loss, metrics)` as the knowledge kind `name`."""
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
@@ -233,7 +234,7 @@ def knowledge(name: str, *, sources: Sequence[str], fn: Optional[Callable] = Non
             raise KnowledgeError(f"knowledge kind {name!r} is registered twice")
         KNOWLEDGE[name] = Knowledge(name=name, fn=fn, apply=apply, sources=tuple(sources), taps=taps,
                                     projectable=projectable, head_sensitive=head_sensitive, chunkable=chunkable,
-                                    per_token=per_token)
+                                    per_token=per_token, cross_vocab=cross_vocab)
         return apply
 
     return wrap

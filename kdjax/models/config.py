@@ -28,6 +28,9 @@ POSITION_EMBEDDINGS = ("learned", "rope", "none")
 ROPE_SCALING_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    # Phi-3 LongRoPE: per-frequency factors (short up to the original context, long beyond it) and the
+    # cos/sin scale `attention_factor` (resolved from the context ratio when config.json omits it).
+    "longrope": ("long_factor", "short_factor", "original_max_position_embeddings", "attention_factor"),
 }
 MOE_DISPATCHES = ("dense", "routed")
 CLASSIFIER_STYLES = ("bert_pooler", "roberta", "last_token")
@@ -95,6 +98,10 @@ class ModelConfig:
     # gets a fixed-size buffer of ceil(moe_capacity_factor * tokens * k / E) tokens, overflow is dropped.
     moe_dispatch: str = "dense"
     moe_capacity_factor: float = 1.25
+    # Layers of an MoE model whose FFN is a dense MLP of width intermediate_size (Qwen3-MoE's
+    # mlp_only_layers / decoder_sparse_step). Both FFNs are stored stacked over all layers; a layer
+    # uses one and the other's slice stays zero (not loaded, not exported).
+    dense_layers: tuple = ()
     qkv_bias: bool = True
     out_bias: bool = True  # attention output projection bias
     mlp_bias: bool = True
@@ -120,9 +127,12 @@ class ModelConfig:
         if isinstance(self.rope_scaling, Mapping) or hasattr(self.rope_scaling, "to_dict"):
             # A dict from a config file or a HF config: stored as sorted pairs to stay hashable.
             scaling = self.rope_scaling.to_dict() if hasattr(self.rope_scaling, "to_dict") else self.rope_scaling
-            object.__setattr__(self, "rope_scaling", tuple(sorted(dict(scaling).items())))
+            object.__setattr__(self, "rope_scaling", tuple(sorted(
+                (k, tuple(v) if isinstance(v, list) else v) for k, v in dict(scaling).items())))
         elif self.rope_scaling is None:
             object.__setattr__(self, "rope_scaling", ())
+        if not isinstance(self.dense_layers, tuple):
+            object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers or ()))
         object.__setattr__(self, "layer_types", tuple(self.layer_types or ()))
         self.validate()
 
@@ -194,8 +204,13 @@ class ModelConfig:
             missing = [k for k in required if k not in scaling]
             if missing:
                 bad(f"rope scaling {kind!r} needs {', '.join(missing)}; got {', '.join(sorted(scaling)) or 'nothing'}")
-            if float(scaling["factor"]) <= 0:
+            if "factor" in scaling and float(scaling["factor"]) <= 0:
                 bad(f"rope scaling factor must be positive, got {scaling['factor']}")
+            if kind == "longrope":
+                for key in ("long_factor", "short_factor"):
+                    if len(scaling[key]) != self.dim_per_head // 2:
+                        bad(f"longrope {key} has {len(scaling[key])} entries; it needs head_dim / 2 = "
+                            f"{self.dim_per_head // 2}")
         if self.layer_types:
             if len(self.layer_types) != self.num_layers:
                 bad(f"ModelConfig.layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
@@ -212,6 +227,13 @@ class ModelConfig:
                 bad("ModelConfig.num_experts > 0 needs gated_mlp=True (experts are gated MLPs)")
             if not float(self.moe_capacity_factor) > 0:
                 bad(f"ModelConfig.moe_capacity_factor must be positive, got {self.moe_capacity_factor}")
+        if self.dense_layers:
+            if not self.num_experts:
+                bad("ModelConfig.dense_layers applies to mixture-of-experts models (num_experts > 0)")
+            wrong = [i for i in self.dense_layers if not 0 <= int(i) < self.num_layers]
+            if wrong or list(self.dense_layers) != sorted(set(self.dense_layers)):
+                bad(f"ModelConfig.dense_layers must be sorted distinct layer indices in 0..{self.num_layers - 1}, "
+                    f"got {list(self.dense_layers)}")
         for field in ("dropout", "attention_dropout"):
             rate = getattr(self, field)
             if not 0.0 <= float(rate) < 1.0:
@@ -236,8 +258,10 @@ class ModelConfig:
         if self.out_bias:
             attn += d
         mlp = (3 if self.gated_mlp else 2) * d * f + ((f * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0)
+        dense_mlp = mlp
         if self.num_experts:
             mlp = self.num_experts * 3 * d * self.expert_size + d * self.num_experts
+            mlp += len(self.dense_layers) * (dense_mlp - mlp) / max(l, 1)  # per-layer average
         if self.qk_norm:
             attn += 2 * hd
         total = l * (attn + mlp + (4 if self.sandwich_norm else 2) * ln) + v * d

@@ -112,7 +112,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarra
     blends the band between linearly in `original / wavelength`.
     """
     inv_freq = 1.0 / (float(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    if not scaling:
+    if not scaling or dict(scaling)["rope_type"] == "longrope":  # longrope: see rope_tables
         return inv_freq
     s = dict(scaling)
     factor = float(s["factor"])
@@ -130,10 +130,24 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarra
 
 
 def rope_tables(positions: Array, head_dim: int, theta: float, scaling: tuple = ()) -> tuple[Array, Array]:
-    """cos/sin tables [B, S, head_dim] in the rotate-half layout used by HF Llama checkpoints."""
+    """cos/sin tables [B, S, head_dim] in the rotate-half layout used by HF Llama checkpoints.
+
+    `longrope` (Phi-3) divides the frequencies by `short_factor` while the batch's largest position is
+    within `original_max_position_embeddings` and by `long_factor` beyond it (as transformers decides per
+    forward), and scales cos and sin by `attention_factor`.
+    """
     inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta, scaling), jnp.float32)
+    s = dict(scaling)
+    scale = 1.0
+    if s.get("rope_type") == "longrope":
+        short = jnp.asarray(inv_freq / np.asarray(s["short_factor"], np.float64), jnp.float32)
+        long = jnp.asarray(inv_freq / np.asarray(s["long_factor"], np.float64), jnp.float32)
+        inv_freq = jnp.where(jnp.max(positions) + 1 > int(s["original_max_position_embeddings"]), long, short)
+        scale = float(s["attention_factor"])
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
+    if scale != 1.0:
+        return jnp.cos(emb) * scale, jnp.sin(emb) * scale
     return jnp.cos(emb), jnp.sin(emb)
 
 
@@ -245,7 +259,7 @@ class Block(nnx.Module):
 
         self.attn = Attention(config, rngs)
         self.attn_norm = make_norm(config)
-        self.mlp = nnx.data(None if config.num_experts else MLP(config, rngs))
+        self.mlp = nnx.data(MLP(config, rngs) if not config.num_experts or config.dense_layers else None)
         self.moe = nnx.data(MoE(config, rngs) if config.num_experts else None)
         self.mlp_norm = make_norm(config)
         self.attn_post_norm = nnx.data(make_norm(config) if config.sandwich_norm else None)
@@ -253,25 +267,34 @@ class Block(nnx.Module):
         self.pre_norm = config.pre_norm
         self.rate = config.dropout
 
-    def _ffn(self, x: Array, taps: dict, kinds: frozenset) -> Array:
+    def _ffn(self, x: Array, taps: dict, kinds: frozenset, dense=None) -> Array:
         if self.moe is None:
             return self.mlp(x)
-        out, router_logits = self.moe(x)
+        if self.mlp is None or dense is False:
+            out, router_logits = self.moe(x)
+        else:  # a model with dense layers: `dense` is this layer's flag (a Python bool, or traced under scan)
+            def dense_ffn():
+                return self.mlp(x), jnp.zeros(x.shape[:-1] + (self.moe.config.num_experts,), x.dtype)
+            if dense is True:
+                out, router_logits = dense_ffn()
+            else:
+                out, router_logits = jax.lax.cond(dense, dense_ffn, lambda: self.moe(x))
         if "router_logits" in kinds:
-            taps["router_logits"] = router_logits
+            taps["router_logits"] = router_logits  # dense layers' zeros are dropped by the model
         return out
 
-    def __call__(self, h: Array, bias_bqk: Array, rope, kinds: frozenset, dropout_key: Optional[Array] = None):
+    def __call__(self, h: Array, bias_bqk: Array, rope, kinds: frozenset, dropout_key: Optional[Array] = None,
+                 dense=None):
         keys = (None,) * 3 if dropout_key is None else tuple(jax.random.split(dropout_key, 3))
         if self.attn_post_norm is not None:
             a, taps = self.attn(self.attn_norm(h), bias_bqk, rope, kinds, keys[0])
             h = h + dropout(self.attn_post_norm(a), self.rate, keys[1])
-            f = self.mlp_post_norm(self._ffn(self.mlp_norm(h), taps, kinds))
+            f = self.mlp_post_norm(self._ffn(self.mlp_norm(h), taps, kinds, dense))
             h = h + dropout(f, self.rate, keys[2])
         elif self.pre_norm:
             a, taps = self.attn(self.attn_norm(h), bias_bqk, rope, kinds, keys[0])
             h = h + dropout(a, self.rate, keys[1])
-            f = self._ffn(self.mlp_norm(h), taps, kinds)
+            f = self._ffn(self.mlp_norm(h), taps, kinds, dense)
             h = h + dropout(f, self.rate, keys[2])
         else:
             a, taps = self.attn(h, bias_bqk, rope, kinds, keys[0])
@@ -344,7 +367,10 @@ def apply_block(graphdef, params, layer, h: Array, ctx: BlockContext) -> Array:
     model = nnx.merge(graphdef, params)
     layers_graphdef, state = nnx.split(model.layers)
     layer_state = jax.tree.map(lambda x: x[layer], state)
-    out, _ = nnx.merge(layers_graphdef, layer_state)(h, ctx.bias_bqk, ctx.rope, frozenset(), None)
+    dense = None
+    if model.config.dense_layers:
+        dense = jnp.isin(layer, jnp.asarray(model.config.dense_layers))
+    out, _ = nnx.merge(layers_graphdef, layer_state)(h, ctx.bias_bqk, ctx.rope, frozenset(), None, dense)
     return out
 
 
@@ -495,6 +521,8 @@ class Transformer(nnx.Module):
             idx = resolved[kind]
             if idx != tuple(range(c.num_layers)) and c.scan_layers:
                 values = values[jnp.asarray(idx)]
+            if kind == "router_logits" and c.dense_layers:  # MoE layers only, as transformers reports them
+                values = values[jnp.asarray([j for j, i in enumerate(idx) if i not in c.dense_layers], jnp.int32)]
             self.sow(TAP_TYPES[kind], kind, values)
 
         out = ModelOutputs(last_hidden_state=h_last)
@@ -551,9 +579,12 @@ class Transformer(nnx.Module):
                 layer_state, key, layer_plan = xs
             else:
                 layer_state, key, layer_plan, index = xs
+            dense = None
+            if isinstance(layer_plan, dict):  # a model with dense layers among its MoE layers
+                layer_plan, dense = layer_plan["attention"], layer_plan["dense"]
             layer = nnx.merge(graphdef, layer_state)
             layer_allowed, layer_rope = self._layer_inputs(allowed, rope, layer_plan)
-            new_h, taps = layer(carry, layer_allowed, layer_rope, layer_kinds, key)
+            new_h, taps = layer(carry, layer_allowed, layer_rope, layer_kinds, key, dense)
             if block_hook is not None:
                 new_h = block_hook(index, carry, new_h, BlockContext(layer_allowed, layer_rope))
             new_h = activations.constrain(new_h)
@@ -564,6 +595,8 @@ class Transformer(nnx.Module):
         if c.remat_policy != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
 
+        if c.dense_layers and c.scan_layers:
+            plan = {"attention": plan, "dense": jnp.asarray([i in c.dense_layers for i in range(c.num_layers)])}
         if c.scan_layers:
             xs = (state, layer_keys, plan) if block_hook is None else (state, layer_keys, plan, jnp.arange(c.num_layers))
             h, stacked = jax.lax.scan(body, h, xs)
@@ -578,6 +611,8 @@ class Transformer(nnx.Module):
         for i in range(c.num_layers):
             layer_state = jax.tree.map(lambda x: x[i], state)
             layer_plan = None if plan is None else tuple(x[i] for x in plan)
+            if c.dense_layers:  # unrolled: each layer runs only its own FFN (a static choice)
+                layer_plan = {"attention": layer_plan, "dense": i in c.dense_layers}
             xs = (layer_state, None if layer_keys is None else layer_keys[i], layer_plan)
             h, taps = body(h, xs if block_hook is None else xs + (i,))
             for kind in layer_kinds:
