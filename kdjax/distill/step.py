@@ -27,6 +27,7 @@ from flax import nnx
 
 from kdjax.distill import terms as terms_lib
 from kdjax.knowledge import registry
+from kdjax.knowledge import sparse as sparse_lib
 from kdjax.knowledge.registry import TermContext
 from kdjax.methods.base import MethodError, Term
 from kdjax.models.config import ModelConfig
@@ -176,6 +177,9 @@ def build_teacher_pass(teachers: Sequence[TeacherSpec], terms: Sequence[Term] = 
     def teacher_pass(teacher_params: Mapping[str, Any], batch):
         results = {}
         for t in teachers:
+            if sparse_lib.is_cached(t.graphdef):  # a cache-backed teacher: its top-k rows ride in the batch
+                results[t.name] = jax.lax.stop_gradient((t.graphdef.outputs(batch), Intermediates()))
+                continue
             with jax.named_scope(f"teacher_{t.name}"):
                 run = forward if full_logits else trunk_forward
                 out, inter = run(t.graphdef, teacher_params[t.name], batch, t.taps)
