@@ -237,3 +237,22 @@ def test_every_divergence_kind_runs_from_the_cache(env, no_teacher_load):
         want, _ = sparse_divergence(logits, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
                                     batch["teacher_tail_logprob"], batch["attention_mask"], kind=kind)
         np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+
+
+def test_plan_of_a_cache_backed_stage_has_no_teacher(env):
+    """kdjax.plan plans the stage from the cache's manifest: no teacher parameters, no checkpoint opened
+    (the teacher path does not even exist), the top-k fields in the batch."""
+    from kdjax import plan as P
+    from kdjax import sharding as S
+    c = make_config(env, env["k8"])
+    c.teacher.path = str(env["root"] / "no_such_teacher")
+    c.student = dict(num_layers=1, init="random")
+    c.data.train.batch_size = 8
+    c.mesh = dict(axes=("data", "fsdp", "tensor"), ici=(1, -1, 2), dcn=(1, 1, 1))
+    step = P.build_planned_step(c, S.make_mesh(S.MeshConfig.from_config(dict(c.mesh))))
+    assert step.abstract_teacher_params == {"teacher": None}
+    assert step.abstract_batch["teacher_topk_ids"].shape == (8, MAX_LEN, 8)
+    assert step.abstract_batch["teacher_tail_logprob"].shape == (8, MAX_LEN)
+    assert step.student_config.head == "mlm" and step.student_config.num_layers == 1
+    r = P.plan_step(c, P.get_topology("cpu:8", device_memory_gb=1.0))
+    assert r.fits and r.teacher_params == 0
