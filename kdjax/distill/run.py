@@ -289,6 +289,11 @@ def _check_cache_run(config) -> None:
     if int(get(config, "train.eval_every") or 0):
         raise ConfigError("train.eval_every evaluates against a live teacher on the eval split, which has no "
                           "cache; set it to 0 with data.<source>.teacher_cache")
+    report = _cfg_get(config, "report")
+    live = [k for k in ("embedding_agreement", "latency") if _cfg_get(report, k)]
+    if live:
+        raise ConfigError(f"report.{live[0]} runs the teacher, which a cache-backed run does not load; set it to "
+                          "False (compare with python -m kdjax.evaluate --teacher=... after training)")
     if float(_cfg_get(_cfg_get(config, "vocab_compression"), "rate", 0.0) or 0.0):
         raise ConfigError("vocab_compression slices the teacher's full logits, which a teacher cache does not "
                           "hold; drop it or data.<source>.teacher_cache")
