@@ -1,5 +1,8 @@
 """Offline teacher cache: run the teacher once, keep compact top-k log-probabilities per token.
 
+Training from a cache: set ``config.data.<source>.teacher_cache`` to the cache directory; the stages
+on that source load no teacher (:class:`TeacherCache`, :func:`stage_caches`, docs/cache.md).
+
 Writing (once per data set and teacher; several processes each write their own rows)::
 
     python -m kdjax.cache --config=configs/cache_quickstart.py --workdir=workdir/cache

@@ -170,6 +170,10 @@ def build_teacher_pass(teachers: Sequence[TeacherSpec], terms: Sequence[Term] = 
     With chunked logit terms among `terms`, each entry is `(outputs, intermediates, params)`: the
     teacher's parameters travel along for the per-chunk head, and its forward skips the LM head unless
     an unchunked term reads the teacher's logits.
+
+    A cache-backed teacher (its graphdef a `kdjax.knowledge.sparse.CachedTeacherRef`) runs nothing: its
+    entry is `(CachedLogits, empty Intermediates)` read from the batch's `teacher_topk_*` fields
+    (docs/cache.md, "Training from a cache").
     """
     chunking = _chunking(terms)
     full_logits = terms_lib.logits_needed(terms)[1] if chunking else True
