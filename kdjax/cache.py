@@ -533,8 +533,10 @@ class TeacherCache:
 
     def teachers(self, weights: Mapping[str, float]) -> dict:
         from kdjax.hub.api import Model
-        return {name: (Model(self.configs[name], ref, None, self.tokenizer, source=self.teacher_paths.get(name)),
-                       float(weights.get(name, 1.0))) for name, ref in self.refs.items()}
+        if not hasattr(self, "_shells"):  # built once: the run asks for them every step
+            self._shells = {name: Model(self.configs[name], ref, None, self.tokenizer,
+                                        source=self.teacher_paths.get(name)) for name, ref in self.refs.items()}
+        return {name: (shell, float(weights.get(name, 1.0))) for name, shell in self._shells.items()}
 
     def init_teacher(self, name: Optional[str] = None, **load_kwargs):
         """The checkpoint of teacher ``name`` loaded once, with the head the cache was written with: what a
