@@ -1,5 +1,8 @@
 """Offline teacher cache: run the teacher once, keep compact top-k log-probabilities per token.
 
+Training from a cache: set ``config.data.<source>.teacher_cache`` to the cache directory; the stages
+on that source load no teacher (:class:`TeacherCache`, :func:`stage_caches`, docs/cache.md).
+
 Writing (once per data set and teacher; several processes each write their own rows)::
 
     python -m kdjax.cache --config=configs/cache_quickstart.py --workdir=workdir/cache
@@ -81,9 +84,9 @@ _HEADER = struct.Struct("<HHI")  # stored length, valid tokens, CRC32 of the pay
 # quantized codes barely compress and a compressed chunk costs about 130 framing bytes instead of 65.
 _RECORD_OPTIONS = "group_size:1,uncompressed"
 
-__all__ = ["CacheError", "LOGPROB_FORMATS", "MANIFEST", "TEACHER_FIELDS", "cache_settings", "check_cache",
-           "dataset_fingerprint", "dataset_spec", "make_cache_loader", "read_manifest", "teacher_fingerprint",
-           "tokenizer_fingerprint", "write_cache"]
+__all__ = ["CacheError", "LOGPROB_FORMATS", "MANIFEST", "TEACHER_FIELDS", "TeacherCache", "cache_settings",
+           "check_cache", "checkpoint_fingerprint", "dataset_fingerprint", "dataset_spec", "make_cache_loader",
+           "read_manifest", "stage_caches", "teacher_fingerprint", "tokenizer_fingerprint", "write_cache"]
 
 
 class CacheError(ValueError):
@@ -115,6 +118,35 @@ def teacher_fingerprint(model) -> str:
         array = np.ascontiguousarray(np.asarray(jax.device_get(value)))
         digest.update(f"{path}:{array.dtype}:{array.shape}".encode())
         digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def checkpoint_fingerprint(directory: Optional[str]) -> Optional[str]:
+    """A teacher checkpoint's identity without reading its weights whole, or None for no checkpoint.
+
+    SHA-256 over ``config.json`` and, per weight file (sorted names), its name, size and 16 evenly
+    spaced 64 KiB windows (first and last included): about 1 MiB read per file. Any other checkpoint,
+    and any fine-tune of the same one (which changes essentially every weight), gives another value;
+    it is an identity check for caches, not a defence against a deliberate edit of unsampled bytes.
+    """
+    if not directory or not os.path.isfile(os.path.join(directory, "config.json")):
+        return None
+    from kdjax.hub import checkpoint as ckpt
+    try:
+        _, files = ckpt.checkpoint_files(directory)
+    except Exception:  # no weights here (a config-only directory): nothing to identify
+        return None
+    digest = hashlib.sha256()
+    with open(os.path.join(directory, "config.json"), "rb") as f:
+        digest.update(f.read())
+    window, samples = 1 << 16, 16
+    for path in sorted(files):
+        size = os.path.getsize(path)
+        digest.update(f"{os.path.basename(path)}:{size}".encode())
+        with open(path, "rb") as f:
+            for i in range(samples):
+                f.seek(max(0, (size - window) * i // (samples - 1)))
+                digest.update(f.read(window))
     return digest.hexdigest()
 
 
@@ -464,6 +496,134 @@ def make_cache_loader(cache_dir: str, *, batch_size: int, shuffle: bool = True, 
 
 
 # ------------------------------------------------------------------------------------------------
+# Training from a cache: `data.<source>.teacher_cache`
+
+
+class TeacherCache:
+    """A verified teacher cache standing in for the teachers of the stages that read its data source.
+
+    Built by :func:`stage_caches` from ``config.data.<source>.teacher_cache``. Verification reads the
+    manifest, each configured teacher's ``config.json`` and a sampled fingerprint of its weight files
+    (:func:`checkpoint_fingerprint`, about 1 MiB per file) and its tokenizer files; no teacher weights
+    are loaded. ``teachers(weights)`` gives ``{name: (Model shell, weight)}``: the cached teacher's
+    config (its head included, e.g. the tied MLM head), a :class:`kdjax.knowledge.sparse.CachedTeacherRef`
+    as graphdef and no parameters, so the step runs no teacher forward. ``loader(seed)`` is the stage's
+    data: the cached rows themselves (tokens, mask, labels and top-k together), so batch and teacher
+    rows cannot drift apart and the loader's checkpointed state resumes both.
+    """
+
+    def __init__(self, cache_dir: str, manifest: dict, section: str, batch_size: int, tokenizer,
+                 teacher_paths: Mapping[str, str]):
+        from kdjax.knowledge.sparse import CachedTeacherRef
+        from kdjax.models.config import ModelConfig
+        self.cache_dir, self.manifest, self.section, self.batch_size = cache_dir, manifest, section, int(batch_size)
+        self.tokenizer = tokenizer
+        self.teacher_paths = dict(teacher_paths)
+        single = len(manifest["teachers"]) == 1
+        self.refs, self.configs = {}, {}
+        for t in manifest["teachers"]:
+            self.refs[t["name"]] = CachedTeacherRef(name=t["name"], suffix="" if single else f"/{t['name']}",
+                                                    temperature=float(manifest["k_temperature"]), k=int(manifest["k"]))
+            fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in t["config"].items()}
+            self.configs[t["name"]] = ModelConfig(**fields)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(f for ref in self.refs.values() for f in ref.fields())
+
+    def teachers(self, weights: Mapping[str, float]) -> dict:
+        from kdjax.hub.api import Model
+        if not hasattr(self, "_shells"):  # built once: the run asks for them every step
+            self._shells = {name: Model(self.configs[name], ref, None, self.tokenizer,
+                                        source=self.teacher_paths.get(name)) for name, ref in self.refs.items()}
+        return {name: (shell, float(weights.get(name, 1.0))) for name, shell in self._shells.items()}
+
+    def init_teacher(self, name: Optional[str] = None, **load_kwargs):
+        """The checkpoint of teacher ``name`` loaded once, with the head the cache was written with: what a
+        student that copies teacher layers is initialized from (the run then drops it)."""
+        from kdjax.hub.api import load_pretrained
+        name = name or next(iter(self.refs))
+        model = load_pretrained(self.teacher_paths[name], **load_kwargs)
+        lm_head = next(t for t in self.manifest["teachers"] if t["name"] == name).get("lm_head")
+        return tied_lm_head(model) if lm_head == "tied" else model
+
+    def loader(self, seed: int) -> grain.IterDataset:
+        return make_cache_loader(self.cache_dir, batch_size=self.batch_size, shuffle=True, seed=seed, num_epochs=None,
+                                 drop_remainder=True)
+
+    def __repr__(self) -> str:
+        return f"TeacherCache({self.cache_dir!r}, data.{self.section}, teachers={list(self.refs)})"
+
+
+def open_teacher_cache(cache_dir: str, data_spec, teacher_specs: Mapping[str, Mapping[str, Any]], *,
+                       section: str = "train") -> TeacherCache:
+    """Verify a cache against a run's teachers and data source, without loading any teacher weights.
+
+    Refuses, in one line naming every difference: other teacher names, another teacher checkpoint
+    (:func:`checkpoint_fingerprint`), tokenizer, data set (source, split, preprocessing, packing) or
+    ``max_length``.
+    """
+    from kdjax.distill.run import resolve_model_path
+    from kdjax.hub import checkpoint as ckpt
+    from kdjax.hub.api import _load_tokenizer
+    where = f"config.data.{section}.teacher_cache"
+    manifest = read_manifest(cache_dir)
+    cached = [t["name"] for t in manifest["teachers"]]
+    if sorted(cached) != sorted(teacher_specs):
+        raise CacheError(f"{where}={cache_dir} holds teacher(s) {', '.join(cached)} but this run names "
+                         f"{', '.join(teacher_specs)}; write a cache for these teachers")
+    diffs, paths, tokenizer = [], {}, None
+    short = lambda v: str(v)[:12]  # noqa: E731
+    for t in manifest["teachers"]:
+        spec = teacher_specs[t["name"]]
+        if not spec.get("path"):
+            raise CacheError(f"teacher {t['name']!r} has no path; {where} checks the cache against its checkpoint")
+        try:
+            directory = ckpt.resolve_checkpoint_dir(resolve_model_path(spec["path"]), allow_download=False)
+        except Exception as e:  # pylint: disable=broad-except
+            raise CacheError(f"{where}: teacher {t['name']!r}: {e}") from None
+        paths[t["name"]] = directory
+        have = t.get("checkpoint")
+        if have is None:
+            raise CacheError(f"{where}={cache_dir} records no checkpoint fingerprint for teacher {t['name']!r} (written "
+                             "from an in-memory model); rewrite it with python -m kdjax.cache from the checkpoint")
+        want = checkpoint_fingerprint(directory)
+        if want != have:
+            diffs.append(f"teacher {t['name']!r} (cache {short(have)}, run {short(want)})")
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(directory)
+    if tokenizer is None:
+        raise CacheError(f"{where}: the teacher directory has no tokenizer files to check the cache against")
+    checks = (("tokenizer", tokenizer_fingerprint(tokenizer), manifest["tokenizer"]["fingerprint"]),
+              ("dataset", dataset_fingerprint(data_spec), manifest["dataset"]["fingerprint"]),
+              ("max_length", int(_cfg(data_spec, "max_length", 128)), manifest["dataset"]["max_length"]))
+    diffs += [f"{name} (cache {short(have)}, run {short(want)})" for name, want, have in checks if str(want) != str(have)]
+    if diffs:
+        raise CacheError(f"{where}={cache_dir} does not match this run: {'; '.join(diffs)}")
+    CacheSource(cache_dir, manifest)  # every shard present with its recorded row count
+    return TeacherCache(os.fspath(cache_dir), manifest, section, int(_cfg(data_spec, "batch_size", 32)), tokenizer,
+                        paths)
+
+
+def stage_caches(config, method) -> dict[int, TeacherCache]:
+    """``{stage index: TeacherCache}`` of the stages whose data source (``data[stage.data]``, else
+    ``data.train``) sets ``teacher_cache``; each cache is opened and verified once."""
+    from kdjax.distill.run import teacher_specs
+    data = _cfg(config, "data")
+    out, opened = {}, {}
+    for i, stage in enumerate(method.stages):
+        section = stage.data if _cfg(data, stage.data) is not None else "train"
+        spec = _cfg(data, section)
+        cache_dir = _cfg(spec, "teacher_cache")
+        if not cache_dir:
+            continue
+        if section not in opened:
+            opened[section] = open_teacher_cache(cache_dir, spec, teacher_specs(config), section=section)
+        out[i] = opened[section]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # Writer
 
 
@@ -638,7 +798,7 @@ def write_cache(config, workdir: str, *, process_index: Optional[int] = None, pr
         "teachers": [{"name": n, "weight": float(teachers[n][1]), "fingerprint": teacher_fingerprint(m),
                       "config": m.config.to_dict(), "vocab_size": m.config.vocab_size,
                       "bits_per_id": _bits_for(m.config.vocab_size), "lm_head": settings["lm_head"] or "checkpoint",
-                      "source": m.source} for n, m in models.items()],
+                      "source": m.source, "checkpoint": checkpoint_fingerprint(m.source)} for n, m in models.items()],
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "name": type(tokenizer).__name__,
                       "size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id},
         "dataset": dict(dataset, fingerprint=dataset_fingerprint(dataset), max_length=max_length),

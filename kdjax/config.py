@@ -123,6 +123,8 @@ def _data_source(**defaults):
         "data_dir": Field(str, None),
         "split": Field(str, "train"),
         "eval_split": Field(str, "validation"),
+        "teacher_cache": Field(str, None, doc="a kdjax.cache directory: stages on this source train from the "
+                               "cached teacher top-k and load no teacher"),
     }
     for k, v in defaults.items():
         fields[k] = dataclasses.replace(fields[k], default=v)

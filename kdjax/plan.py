@@ -277,7 +277,8 @@ def _teacher_config(name: str, spec: Mapping[str, Any], where: str) -> ModelConf
     raise PlanError(f"{where} has neither `model` (ModelConfig fields) nor `path` (a checkpoint directory)")
 
 
-def models_from_config(config: Any, method=None) -> tuple[ModelConfig, dict[str, ModelConfig], dict[str, float]]:
+def models_from_config(config: Any, method=None, *, teacher_configs: Optional[Mapping[str, ModelConfig]] = None
+                       ) -> tuple[ModelConfig, dict[str, ModelConfig], dict[str, float]]:
     """``(student, {teacher name: config}, {teacher name: weight})`` of a run config, without weights.
 
     Teachers come from ``*.model`` (ModelConfig fields, for models too big to load here) or from the
@@ -292,7 +293,12 @@ def models_from_config(config: Any, method=None) -> tuple[ModelConfig, dict[str,
     teachers, weights = {}, {}
     for name, spec in specs.items():
         where = "config.teacher" if single else f"config.teachers.{name}"
-        teachers[name] = _teacher_config(name, spec, where)
+        if teacher_configs is not None:  # given (a teacher cache's manifest): no checkpoint is read
+            if name not in teacher_configs:
+                raise PlanError(f"{where}: the teacher cache holds {', '.join(teacher_configs)}, not {name!r}")
+            teachers[name] = teacher_configs[name]
+        else:
+            teachers[name] = _teacher_config(name, spec, where)
         weights[name] = run_lib.teacher_weight(spec)
     s_spec = _as_dict(_get(config, "student"))
     if s_spec.get("model"):
@@ -333,10 +339,16 @@ def build_planned_step(config: Any, mesh, *, student_remat: Optional[str] = None
     uses (`kdjax.distill.run`), and the stage is assembled by the same `assemble_stage`.
     """
     method = build_method(config_lib.get(config, "method"), config_lib.method_args(config))
-    student, teachers, weights = models_from_config(config, method)
+    stage = _stage_index(config, method)
+    cached = _stage_cache(config, method, stage)
+    if cached is not None:  # the teachers are the cache's: their configs from its manifest, no checkpoint read
+        configs, cached_refs = cached
+        student, teachers, weights = models_from_config(config, method, teacher_configs=configs)
+    else:
+        cached_refs = None
+        student, teachers, weights = models_from_config(config, method)
     if student_remat is not None:
         student = student.replace(remat_policy=student_remat)
-    stage = _stage_index(config, method)
     data = _get(_get(config, "data"), "train")
     batch_shape = (int(_get(data, "batch_size", 8)), int(_get(data, "max_length", 128)))
     train = _get(config, "train")
@@ -350,7 +362,25 @@ def build_planned_step(config: Any, mesh, *, student_remat: Optional[str] = None
         teacher_rules={name: run_lib.model_rules(config, "teacher", name) for name in teachers},
         batch_shape=batch_shape, total_steps=steps, grad_accum=int(_get(train, "grad_accum", 1)), stage=stage,
         teacher_weights=weights, strict=strict, seed=int(config_lib.get(config, "train.seed")),
-        **dataclasses.asdict(settings))
+        cached_teachers=cached_refs, **dataclasses.asdict(settings))
+
+
+def _stage_cache(config: Any, method, stage: int):
+    """``({name: ModelConfig}, {name: CachedTeacherRef})`` of a stage whose data source sets
+    ``teacher_cache`` (read from the cache's manifest; no teacher checkpoint is opened), else None."""
+    from kdjax import cache as cache_lib
+    data = _get(config, "data")
+    section = method.stages[stage].data
+    spec = _get(data, section) if _get(data, section) is not None else _get(data, "train")
+    cache_dir = _get(spec, "teacher_cache")
+    if not cache_dir:
+        return None
+    try:
+        manifest = cache_lib.read_manifest(cache_dir)
+    except cache_lib.CacheError as e:
+        raise PlanError(str(e)) from None
+    opened = cache_lib.TeacherCache(cache_dir, manifest, section, int(_get(spec, "batch_size", 8)), None, {})
+    return dict(opened.configs), dict(opened.refs)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -293,6 +293,26 @@ class _MeshStep:
         return fn(state, dict(teacher_params), shard_batch({k: np.asarray(v) for k, v in batch.items()}, shardings))
 
 
+def _check_cache_run(config) -> None:
+    """One line for settings that change the inputs a teacher cache was written for, or need a live teacher."""
+    if float(get(config, "data.mlm_probability") or 0.0):
+        raise ConfigError("data.mlm_probability masks tokens the cached teacher saw unmasked; set it to 0 with "
+                          "data.<source>.teacher_cache (or cache a masked data set)")
+    if int(get(config, "train.eval_every") or 0):
+        raise ConfigError("train.eval_every evaluates against a live teacher on the eval split, which has no "
+                          "cache; set it to 0 with data.<source>.teacher_cache")
+    report = _cfg_get(config, "report")
+    live = [k for k in ("embedding_agreement", "latency") if _cfg_get(report, k)]
+    if live:
+        raise ConfigError(f"report.{live[0]} runs the teacher, which a cache-backed run does not load; set it to "
+                          "False (compare with python -m kdjax.evaluate --teacher=... after training)")
+    if float(_cfg_get(_cfg_get(config, "vocab_compression"), "rate", 0.0) or 0.0):
+        raise ConfigError("vocab_compression slices the teacher's full logits, which a teacher cache does not "
+                          "hold; drop it or data.<source>.teacher_cache")
+    if build_mesh(config) is not None and jax.device_count() > 1:
+        raise ConfigError("data.<source>.teacher_cache runs on one device for now; drop config.mesh")
+
+
 class Distillation:
     """A distillation run built from an ml_collections config (see `configs/`)."""
 
@@ -302,14 +322,30 @@ class Distillation:
         self.workdir = workdir
         self.method = build_method(get(config, "method"), method_args(config))
         self.mesh = build_mesh(config)
-        self.teachers = dict(teachers) if teachers is not None else load_teachers(config, self.mesh)
+        from kdjax.cache import stage_caches
+        self.stage_caches = stage_caches(config, self.method)  # {stage index: TeacherCache}
+        if teachers is not None:
+            self.teachers = dict(teachers)
+        elif len(self.stage_caches) < len(self.method.stages):
+            self.teachers = load_teachers(config, self.mesh)
+        else:  # every stage trains from a cache: no teacher is loaded
+            weights = {n: teacher_weight(s) for n, s in teacher_specs(config).items()}
+            self.teachers = next(iter(self.stage_caches.values())).teachers(weights)
+        if self.stage_caches:
+            _check_cache_run(config)
         first_teacher = next(iter(self.teachers.values()))[0]
         self.compression = None
         rate = float(_cfg_get(_cfg_get(config, "vocab_compression"), "rate", 0.0) or 0.0)
         if rate:
             self.compression = build_vocab_compression(config, first_teacher, rate)
         if student is None:
+            if first_teacher.params is None and not _as_dict(_cfg_get(config, "student")).get("path") and \
+                    student_kwargs(config, self.method)[0] != "random":
+                # A student that copies teacher layers reads them from the checkpoint once, here.
+                first_teacher = next(iter(self.stage_caches.values())).init_teacher(
+                    **teacher_load_kwargs(next(iter(teacher_specs(config).values()))))
             student = build_student(config, first_teacher, self.method, compression=self.compression)
+            del first_teacher
         self.student = student
         self.student_rules: Optional[dict] = None
         self.teacher_rules: dict[str, dict] = {}
@@ -324,6 +360,8 @@ class Distillation:
             self.vocab_map = self._align_vocabularies()
         for i, stage in enumerate(self.method.stages):
             for t_name, (teacher, _) in self._stage_teachers(stage).items():
+                if i in self.stage_caches:  # before any compile: terms a cached top-k cannot serve
+                    stage_lib.check_cached_stage(self.method, stage, teacher.graphdef)
                 terms_lib.validate_terms(stage.terms, self._student_config_for(stage), teacher.config,
                                                                   vocab_map=self.vocab_map is not None)
 
@@ -384,7 +422,11 @@ class Distillation:
         return len(self.method.stages)
 
     def _stage_teachers(self, stage: Stage) -> dict[str, tuple[Model, float]]:
-        return {name: self.teachers[name] for name in stage_lib.stage_teachers(stage, list(self.teachers))}
+        index = next(i for i, s in enumerate(self.method.stages) if s is stage)
+        teachers = self.teachers
+        if index in self.stage_caches:  # cached top-k in place of the teachers (graphdef: where in the batch)
+            teachers = self.stage_caches[index].teachers({n: w for n, (_, w) in self.teachers.items()})
+        return {name: teachers[name] for name in stage_lib.stage_teachers(stage, list(teachers))}
 
     def _student_config_for(self, stage: Stage):
         return stage_lib.stage_student_config(stage, self.student.config)
@@ -492,8 +534,9 @@ class Distillation:
 
     def prepare_batch(self, batch: Mapping[str, Any], extra: Sequence[str] = ()) -> dict:
         """The fields the step reads (plus `extra`: fields a data hook added), as device arrays."""
+        cached = tuple(f for c in self.stage_caches.values() for f in c.fields)
         keep = ("input_ids", "attention_mask", "token_type_ids", "labels", "position_ids", "student_input_ids",
-                "student_labels", "student_attention_mask", *extra)
+                "student_labels", "student_attention_mask", *cached, *extra)
         out = {k: jnp.asarray(v) for k, v in batch.items() if k in keep}
         if self.student.config.type_vocab_size == 0 and all(m.config.type_vocab_size == 0 for m, _ in self.teachers.values()):
             out.pop("token_type_ids", None)

@@ -252,7 +252,8 @@ def sharded_step(student_config: ModelConfig, teacher_configs: Mapping[str, Mode
                  learning_rate: float, total_steps: int, grad_accum: int = 1, stage: int = 0,
                  teacher_weights: Optional[Mapping[str, float]] = None, method_args: Optional[Mapping] = None,
                  strict: bool = False, optimizer: Optional[optax.GradientTransformation] = None,
-                 max_traces: Optional[int] = None, seed: int = 0, **optimizer_kwargs: Any) -> ShardedStep:
+                 max_traces: Optional[int] = None, seed: int = 0, cached_teachers: Optional[Mapping[str, Any]] = None,
+                 **optimizer_kwargs: Any) -> ShardedStep:
     """The jitted step of stage ``stage`` of ``method`` for these models on ``mesh``.
 
     Args:
@@ -269,6 +270,9 @@ def sharded_step(student_config: ModelConfig, teacher_configs: Mapping[str, Mode
       strict: a parameter dim that its mesh axes do not divide raises instead of being replicated.
       max_traces: if set, tracing the jitted step more often than this raises
         (`chex.assert_max_traces`): a guard against silent recompiles when shapes or dtypes drift.
+      cached_teachers: ``{name: kdjax.knowledge.sparse.CachedTeacherRef}`` for a stage that trains from
+        a teacher cache: those teachers have no parameters (``None``) and no forward; the batch carries
+        their top-k fields instead.
     """
     if not isinstance(method, Method):
         method = build_method(method, method_args)
@@ -291,8 +295,12 @@ def sharded_step(student_config: ModelConfig, teacher_configs: Mapping[str, Mode
     student_graphdef, student_abstract = abstract_model(student_config)
     teacher_abstract: dict[str, Any] = {}
     entries = {}
+    cached_teachers = dict(cached_teachers or {})
     for name, t_cfg in teacher_configs.items():
-        graphdef, teacher_abstract[name] = abstract_model(t_cfg)
+        if name in cached_teachers:  # no parameters, no forward: the top-k rows ride in the batch
+            graphdef, teacher_abstract[name] = cached_teachers[name], None
+        else:
+            graphdef, teacher_abstract[name] = abstract_model(t_cfg)
         entries[name] = stage_lib.TeacherEntry(graphdef, t_cfg, float(weights.get(name, 1.0)))
     program = stage_lib.assemble_stage(
         method, stage, student_graphdef=student_graphdef, student_config=student_config,
@@ -305,8 +313,8 @@ def sharded_step(student_config: ModelConfig, teacher_configs: Mapping[str, Mode
     # Shardings.
     replicated = NamedSharding(mesh, PartitionSpec())
     student_shardings = sharding_lib.param_shardings(student_abstract, mesh, student_rules, strict=strict)
-    teacher_shardings = {name: sharding_lib.param_shardings(teacher_abstract[name], mesh, t_rules[name],
-                                                            strict=strict)
+    teacher_shardings = {name: None if teacher_abstract[name] is None else sharding_lib.param_shardings(
+                             teacher_abstract[name], mesh, t_rules[name], strict=strict)
                          for name in teacher_configs}
 
     modules_init = program.init_modules
@@ -317,6 +325,11 @@ def sharded_step(student_config: ModelConfig, teacher_configs: Mapping[str, Mode
     token_sharding = sharding_lib.batch_sharding(mesh, student_rules)
     b, s = _check_batch(batch_shape, grad_accum, token_sharding)
     fields = batch_fields(student_config, teacher_configs, terms, (b, s))
+    for ref in cached_teachers.values():
+        ids, lp, tail = ref.fields()
+        fields.update({ids: jax.ShapeDtypeStruct((b, s, ref.k), jnp.int32),
+                       lp: jax.ShapeDtypeStruct((b, s, ref.k), jnp.float32),
+                       tail: jax.ShapeDtypeStruct((b, s), jnp.float32)})
     batch_shardings = {name: sharding_lib._fit_to_rank(token_sharding, len(spec.shape))
                        for name, spec in fields.items()}
 
@@ -333,6 +346,6 @@ def sharded_step(student_config: ModelConfig, teacher_configs: Mapping[str, Mode
         student_rules=student_rules, teacher_rules=t_rules, strict=strict, state_shardings=state_shardings,
         teacher_param_shardings=teacher_shardings, batch_shardings=batch_shardings, metrics_sharding=replicated,
         abstract_state=_abstract_with(state_abstract, state_shardings),
-        abstract_teacher_params={n: _abstract_with(teacher_abstract[n], teacher_shardings[n])
-                                 for n in teacher_configs},
+        abstract_teacher_params={n: None if teacher_abstract[n] is None else
+                                 _abstract_with(teacher_abstract[n], teacher_shardings[n]) for n in teacher_configs},
         abstract_batch=_abstract_with(fields, batch_shardings), modules_init=modules_init)

@@ -18,6 +18,7 @@ import optax
 
 from kdjax.distill import step as step_lib
 from kdjax.distill import terms as terms_lib
+from kdjax.knowledge import sparse as sparse_lib
 from kdjax.methods.base import Method, MethodError, Module, Stage
 from kdjax.models.config import ConfigError, ModelConfig
 from kdjax.models.taps import TapSpec
@@ -100,6 +101,21 @@ def stage_teachers(stage: Stage, names: Sequence[str]) -> list[str]:
     raise ConfigError(f"stage {stage.name!r} needs teacher {stage.teacher!r}; config.teachers has {', '.join(names)}")
 
 
+def check_cached_stage(method: Method, stage: Stage, ref: "sparse_lib.CachedTeacherRef") -> None:
+    """One line when a stage cannot run from a teacher cache (see `kdjax.knowledge.sparse.check_cached_terms`):
+    a stage loss or data hook of its own may run the teacher again or change the inputs the cache was
+    written for."""
+    where = f"the teacher cache of {ref.name!r}"
+    if stage.loss is not None or stage.data_hook is not None:
+        what = "computes its own loss" if stage.loss is not None else "rewrites its batches (a data hook)"
+        raise MethodError(f"stage {stage.name!r} of {method.name!r} {what}, which needs a live teacher; drop "
+                          "data.<source>.teacher_cache for it")
+    try:
+        sparse_lib.check_cached_terms(stage.terms, temperature=ref.temperature, where=where)
+    except ValueError as e:
+        raise MethodError(f"stage {stage.name!r} of {method.name!r}: {e}") from None
+
+
 def stage_student_config(stage: Stage, student: ModelConfig) -> ModelConfig:
     """The student's config in a stage (a stage may switch the head, e.g. to classification)."""
     if stage.student_head and stage.student_head != student.head:
@@ -126,6 +142,9 @@ def assemble_stage(method: Method, index: int, *, student_graphdef: Any, student
         raise MethodError(f"method {method.name!r} has {len(method.stages)} stage(s); stage={index} is out of range")
     stage = method.stages[index]
     terms = tuple(stage.terms)
+    for name, entry in teachers.items():
+        if sparse_lib.is_cached(entry.graphdef):
+            check_cached_stage(method, stage, entry.graphdef)
     for entry in teachers.values():
         terms_lib.validate_terms(terms, student_config, entry.config, vocab_map=vocab_map is not None)
     teacher_specs = []

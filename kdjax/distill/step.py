@@ -27,6 +27,7 @@ from flax import nnx
 
 from kdjax.distill import terms as terms_lib
 from kdjax.knowledge import registry
+from kdjax.knowledge import sparse as sparse_lib
 from kdjax.knowledge.registry import TermContext
 from kdjax.methods.base import MethodError, Term
 from kdjax.models.config import ModelConfig
@@ -171,6 +172,10 @@ def build_teacher_pass(teachers: Sequence[TeacherSpec], terms: Sequence[Term] = 
     With chunked logit terms among `terms`, each entry is `(outputs, intermediates, params)`: the
     teacher's parameters travel along for the per-chunk head, and its forward skips the LM head unless
     an unchunked term reads the teacher's logits.
+
+    A cache-backed teacher (its graphdef a `kdjax.knowledge.sparse.CachedTeacherRef`) runs nothing: its
+    entry is `(CachedLogits, empty Intermediates)` read from the batch's `teacher_topk_*` fields
+    (docs/cache.md, "Training from a cache").
     """
     chunking = _chunking(terms)
     full_logits = terms_lib.logits_needed(terms)[1] if chunking else True
@@ -178,6 +183,9 @@ def build_teacher_pass(teachers: Sequence[TeacherSpec], terms: Sequence[Term] = 
     def teacher_pass(teacher_params: Mapping[str, Any], batch):
         results = {}
         for t in teachers:
+            if sparse_lib.is_cached(t.graphdef):  # a cache-backed teacher: its top-k rows ride in the batch
+                results[t.name] = jax.lax.stop_gradient((t.graphdef.outputs(batch), Intermediates()))
+                continue
             with jax.named_scope(f"teacher_{t.name}"):
                 run = forward if full_logits else trunk_forward
                 out, inter = run(t.graphdef, teacher_params[t.name], batch, t.taps)

@@ -59,6 +59,11 @@ def make_stage_loader(run, stage_index: int, *, seed: int, role: str = "train"):
     from kdjax.data import pipeline
     from kdjax.data import tasks as tasks_lib
     stage = run.method.stages[stage_index]
+    cache = getattr(run, "stage_caches", {}).get(stage_index)
+    if cache is not None:  # the cached rows are the stage's batches (tokens and teacher top-k together)
+        if role != "train":
+            raise ValueError(f"stage {stage.name!r} trains from {cache.cache_dir}, which caches the train rows only")
+        return cache.loader(seed)
     data_cfg = _cfg_get(run.config, "data")
     if data_cfg is None:
         raise ValueError("the config has no data section: set config.data.train.task (e.g. 'kdjax_corpus')")
@@ -540,6 +545,9 @@ def _log_parameters(run) -> None:
         return
     from kdjax.sharding import param_overview
     for name, (teacher, _) in run.teachers.items():
+        if teacher.params is None:
+            log.info("teacher %r: cached top-k (no parameters loaded)", name)
+            continue
         log.info("teacher %r parameters:\n%s", name, param_overview(teacher.params))
     log.info("student parameters:\n%s", param_overview(run.student.params))
 

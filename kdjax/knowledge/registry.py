@@ -32,6 +32,7 @@ from kdjax.knowledge import attention as attention_lib
 from kdjax.knowledge import divergences as divergences_lib
 from kdjax.knowledge import features as features_lib
 from kdjax.knowledge import relations as relations_lib
+from kdjax.knowledge import sparse as sparse_lib
 from kdjax.knowledge.chunked import chunked_divergence
 
 
@@ -262,6 +263,8 @@ def _flat_heads(x_bshd):
 
 
 def _logits_apply(ctx: TermContext, term):
+    if isinstance(ctx.t_out, sparse_lib.CachedLogits):  # a cache-backed teacher: its top-k + tail
+        return sparse_lib.cached_logits_apply(ctx, term)
     spec = KNOWLEDGE[term.fn]
     kw = ctx.args(term)
     chunk = kw.pop("chunk_size", None)

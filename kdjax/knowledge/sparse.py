@@ -23,6 +23,8 @@ teacher's tail mass is negligible. See docs/cache.md for measured values.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -168,3 +170,114 @@ def dense_to_sparse(teacher_logits, k: int, temperature=1.0):
                          -jnp.inf)
     tail = jnp.logaddexp(tail, tie_mass)
     return ids.astype(jnp.int32), values, tail
+
+
+# ------------------------------------------------------------------------------------------------
+# A cache-backed teacher inside the training step.
+
+#: Knowledge kinds a cache-backed teacher can serve: logit divergences (every kind of
+#: :data:`kdjax.knowledge.divergences.KINDS`) over the cached support, and terms that read no teacher.
+CACHEABLE_KNOWLEDGE = ("divergence",)
+TEACHER_FREE_SOURCES = ("labels", "none")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class CachedLogits:
+    """The teacher's "outputs" in a cache-backed stage: its cached top-k and tail, ``[B, S, k]``/``[B, S]``.
+
+    Stands where a live teacher's `ModelOutputs` would; a term that reads anything else (full logits,
+    hidden states) is refused when the stage is assembled, and reading them here fails in one line.
+    """
+
+    topk_ids: Array
+    topk_logprobs: Array
+    tail_logprob: Array
+    temperature: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+
+    def __getattr__(self, name):
+        if name in ("logits", "last_hidden_state", "pooler_output"):
+            raise ValueError(f"a cache-backed teacher has no {name}, only its cached top-k log-probabilities; "
+                             "use a live teacher (drop data.<source>.teacher_cache) for this term or loss")
+        raise AttributeError(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedTeacherRef:
+    """Stands for a teacher's graphdef in a cache-backed stage: where its fields are in the batch.
+
+    ``suffix`` is "" for a single-teacher cache and ``/<name>`` for an ensemble cache (the keys that
+    :func:`kdjax.cache.make_cache_loader` yields); ``temperature`` is the cache's ``k_temperature``.
+    """
+
+    name: str
+    suffix: str
+    temperature: float
+    k: int
+
+    def fields(self) -> tuple[str, str, str]:
+        return tuple(f"{f}{self.suffix}" for f in ("teacher_topk_ids", "teacher_topk_logprobs",
+                                                   "teacher_tail_logprob"))
+
+    def outputs(self, batch) -> CachedLogits:
+        missing = [f for f in self.fields() if f not in batch]
+        if missing:
+            raise ValueError(f"the batch has no {missing[0]!r}: a cache-backed stage reads its batches from "
+                             "the teacher cache (kdjax.cache.make_cache_loader)")
+        ids, lp, tail = (batch[f] for f in self.fields())
+        return CachedLogits(ids.astype(jnp.int32), _util.as_f32(lp), _util.as_f32(tail), float(self.temperature))
+
+
+def is_cached(graphdef) -> bool:
+    return isinstance(graphdef, CachedTeacherRef)
+
+
+def check_cached_terms(terms, *, temperature: float, where: str) -> None:
+    """One line, before compiling, for a term a cached top-k cannot serve.
+
+    Allowed: logit ``divergence`` terms (any kind) at the cache's temperature, without chunking or
+    a scheduled temperature, and terms that read no teacher (hard labels). Everything else reads the
+    teacher's full logits, hidden states or attention, which the cache does not hold.
+    """
+    for term in terms:
+        if term.source in TEACHER_FREE_SOURCES:
+            continue
+        if term.source != "logits":
+            raise ValueError(f"term {term.name!r} ({term.fn}) reads the teacher's {term.source}, which {where} does "
+                             "not hold (it keeps top-k log-probabilities only); use a live teacher for this stage")
+        if term.fn not in CACHEABLE_KNOWLEDGE:
+            raise ValueError(f"term {term.name!r} ({term.fn}) needs the teacher's full logits; {where} serves "
+                             f"{', '.join(CACHEABLE_KNOWLEDGE)} terms only (forward/reverse KL, JSD-β, skew KL, TVD)")
+        kw = term.kwargs
+        if kw.get("chunk_size") is not None:
+            raise ValueError(f"term {term.name!r}: chunk_size recomputes the teacher's head, which {where} does not "
+                             "have; drop chunk_size (the sparse divergence never builds teacher logits)")
+        kind = kw.get("kind", dense.FORWARD_KL)
+        if kind not in KINDS:
+            raise ValueError(f"term {term.name!r}: divergence kind {kind!r} is not one of {', '.join(KINDS)}")
+        t = kw.get("temperature", 1.0)
+        if isinstance(t, (tuple, list)):
+            raise ValueError(f"term {term.name!r} schedules its temperature, but {where} holds one temperature; "
+                             "use a constant temperature equal to the cache's k_temperature")
+        if abs(float(t) - float(temperature)) > 1e-6 * max(1.0, abs(float(temperature))):
+            raise ValueError(f"term {term.name!r} uses temperature {float(t):g} but {where} was written at "
+                             f"k_temperature={float(temperature):g}; set the term's temperature to "
+                             f"{float(temperature):g} or rewrite the cache with cache.k_temperature={float(t):g}")
+
+
+def cached_logits_apply(ctx, term):
+    """`(loss, metrics)` of a logit divergence term against a :class:`CachedLogits` teacher.
+
+    The term's keyword arguments are the dense term's (`kind`, `temperature`, `beta`, `lam`,
+    `scale_by_t2`); the student is softened at `temperature` (checked equal to the cache's), the
+    teacher side is used as cached.
+    """
+    t = ctx.t_out
+    kw = dict(ctx.args(term))
+    kw.pop("chunk_size", None)
+    s_logits = ctx.s_out.logits
+    if s_logits is None or s_logits.ndim != 3:
+        raise ValueError(f"term {term.name!r}: a cached teacher serves token-level LM logits; the student has "
+                         f"{'none' if s_logits is None else f'shape {tuple(s_logits.shape)}'}")
+    return sparse_divergence(s_logits, t.topk_ids, t.topk_logprobs, t.tail_logprob, ctx.mask(term),
+                             name=term.name, **kw)
