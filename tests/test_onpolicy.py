@@ -231,9 +231,10 @@ def test_recipes_are_listed_and_reject_bad_arguments():
     stage = get_method("gkd_onpolicy", lmbda=1.0).stages[0]
     assert stage.data_hook.lmbda == 1.0 and stage.loss is not None
     assert get_method("minillm_pg").stages[0].data_hook.alpha == 0.2
-    for name, args, match in [("gkd_onpolicy", {"lmbda": 1.5}, "lmbda"), ("gkd_onpolicy", {"prompt_length": 0},
-                                                                           "prompt_length"),
-                              ("minillm_pg", {"alpha": 1.0}, "alpha must be < 1"), ("minillm_pg", {"clip": 2.0}, "clip"),
+    for name, args, match in [("gkd_onpolicy", {"lmbda": 1.5}, "lmbda"),
+                              ("gkd_onpolicy", {"prompt_length": 0}, "prompt_length"),
+                              ("minillm_pg", {"alpha": 1.0}, "alpha must be < 1"),
+                              ("minillm_pg", {"clip": 2.0}, "clip"),
                               ("distillm_adaptive", {"kind": "jsd"}, "skew_kl"),
                               ("distillm_adaptive", {"capacity": 0}, "capacity"),
                               ("gkd", {"lmbda": 0.5}, "gkd_onpolicy"), ("distillm", {"student_on_policy": 0.5},

@@ -26,9 +26,8 @@ Recipes (the off-policy forms stay in `kdjax/methods/llm.py`):
 
 from __future__ import annotations
 
-import functools
 import time
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +76,8 @@ def sample_mixture_fn(student_graphdef, student_params, teacher_graphdef, teache
     total = prompt_len + max_new_tokens
     last_index = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)[:, None, None]
     models = []
-    for used, graphdef, params in ((use_s, student_graphdef, student_params), (use_t, teacher_graphdef, teacher_params)):
+    sides = ((use_s, student_graphdef, student_params), (use_t, teacher_graphdef, teacher_params))
+    for used, graphdef, params in sides:
         if not used:
             models.append(None)
             continue
@@ -482,7 +482,8 @@ def onpolicy_rkl(*, temperature: float = 1.0, prompt_length: int = 8, max_new_to
                                                                                       "onpolicy_rkl: student_init"))
 
 
-@register("minillm_pg", "MiniLLM: policy gradient of sequence reverse KL (single-step, α=0.2 mixing, length norm, clip)")
+@register("minillm_pg",
+          "MiniLLM: policy gradient of sequence reverse KL (single-step, α=0.2 mixing, length norm, clip)")
 def minillm_pg(*, alpha: float = 0.2, clip: Optional[float] = 0.2, length_norm: bool = True,
                single_step: bool = True, prompt_length: int = 8, max_new_tokens: Optional[int] = None,
                eos_token_id: Optional[int] = None, student_init: Union[str, tuple] = "uniform") -> Method:
@@ -511,9 +512,10 @@ def minillm_pg(*, alpha: float = 0.2, clip: Optional[float] = 0.2, length_norm: 
                   student_init=check_student_init(student_init, "minillm_pg: student_init"))
 
 
-@register("distillm_adaptive", "DistiLLM: skew (reverse) KL with student outputs from a replay buffer, rising probability")
-def distillm_adaptive(*, kind: str = "skew_reverse_kl", lam: float = 0.1, steps: Optional[int] = None, max_prob: float = 0.5,
-                      ramp: float = 1.0, capacity: int = 256, prompt_length: int = 8,
+@register("distillm_adaptive",
+          "DistiLLM: skew (reverse) KL with student outputs from a replay buffer, rising probability")
+def distillm_adaptive(*, kind: str = "skew_reverse_kl", lam: float = 0.1, steps: Optional[int] = None,
+                      max_prob: float = 0.5, ramp: float = 1.0, capacity: int = 256, prompt_length: int = 8,
                       max_new_tokens: Optional[int] = None, eos_token_id: Optional[int] = None,
                       student_init: Union[str, tuple] = "uniform") -> Method:
     """DistiLLM's skew divergences with its adaptive off-policy use of student-generated outputs.
@@ -530,8 +532,8 @@ def distillm_adaptive(*, kind: str = "skew_reverse_kl", lam: float = 0.1, steps:
     lam = _constant_fraction(lam, "distillm_adaptive: lam")
     max_prob = _constant_fraction(max_prob, "distillm_adaptive: max_prob")
     ramp = _constant_fraction(ramp, "distillm_adaptive: ramp")
-    hook = ReplayHook(steps=_positive_int(steps, "distillm_adaptive: steps", allow_none=True), max_prob=max_prob, ramp=ramp,
-                      capacity=_positive_int(capacity, "distillm_adaptive: capacity"),
+    hook = ReplayHook(steps=_positive_int(steps, "distillm_adaptive: steps", allow_none=True), max_prob=max_prob,
+                      ramp=ramp, capacity=_positive_int(capacity, "distillm_adaptive: capacity"),
                       **_hook_args("distillm_adaptive", prompt_length, max_new_tokens, eos_token_id, 1.0))
     label = "SRKL" if kind == "skew_reverse_kl" else "SKL"
     return Method("distillm_adaptive", (_stage(kind, divergence_stage_loss(kind, 1.0, lam=lam, name="distillm"),
