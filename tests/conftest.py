@@ -31,7 +31,7 @@ SLOW_MODULES = {
     "test_engine_golden", "test_engine_v2", "test_families", "test_generate", "test_cache", "test_cache_train", "test_roofline",
     "test_scale_moe", "test_activation_sharding", "test_gkd_rail_kd", "test_gkd_annealing_kd",
     "test_gkd_continuation_kd", "test_gkd_alp_kd", "test_gkd_sid", "test_gkd_uncertainty", "test_gkd_mt_bert",
-    "test_gkd_theseus", "test_gkd_lrc_bert", "test_cross_tokenizer",
+    "test_gkd_theseus", "test_gkd_lrc_bert", "test_cross_tokenizer", "test_onpolicy_run",
 }
 FULL_OPTIMIZATION_MODULES = {"test_engine_golden", "test_plan", "test_roofline", "test_scale_moe", "test_activation_sharding",
                              "test_benchmarks", "test_benchmark_latency"}

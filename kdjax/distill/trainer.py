@@ -501,7 +501,10 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
                         break
                     batch = _next_batch(loop, **data_kw)
                     loop.tokens_seen += int(np.sum(batch["attention_mask"]))
-                    loop.state, metrics = runner.step_fn(loop.state, teacher_params, run.prepare_batch(batch))
+                    if getattr(runner.stage, "data_hook", None) is not None:  # the stage rewrites its batches
+                        loop.state, metrics = run.train_step(loop.state, batch, stage_index)
+                    else:
+                        loop.state, metrics = runner.step_fn(loop.state, teacher_params, run.prepare_batch(batch))
                     loop.step_in_stage += 1
                     loop.global_step += 1
                     for h in hooks:

@@ -12,8 +12,9 @@ teacher scoring the same sequences as the student. They differ only in the diver
 
 These recipes are the **off-policy** forms: the sequences come from the data. The on-policy parts of
 the papers (MiniLLM's policy gradient, DistiLLM's adaptive student-generated data, GKD's λ fraction of
-student samples) need sampling in the training loop and are not expressed here; `gkd(lmbda=...)` and
-friends reject a non-zero on-policy fraction instead of silently ignoring it. An optional `lm_weight`
+student samples) sample in the training loop and are the recipes of `kdjax/methods/onpolicy.py`
+(`minillm_pg`, `distillm_adaptive`, `gkd_onpolicy`, `onpolicy_rkl`); `gkd(lmbda=...)` and friends
+reject a non-zero on-policy fraction and name the on-policy recipe instead of silently ignoring it. An optional `lm_weight`
 adds the hard next-token cross-entropy (MiniLLM's pre-training loss, or SFT on the data).
 """
 
@@ -43,10 +44,14 @@ def _llm_method(name: str, kind: str, description: str, *, weight: Schedule, tem
                   student_init=check_student_init(student_init, f"{name}: student_init"))
 
 
+ON_POLICY_RECIPES = {"gkd": "gkd_onpolicy", "distillm": "distillm_adaptive", "minillm": "minillm_pg"}
+
+
 def _off_policy_only(name: str, fraction: float, arg: str) -> None:
     if fraction != 0:
         raise MethodError(f"{name}: {arg}={fraction} asks for on-policy student samples, which this off-policy "
-                          f"recipe does not generate; use {arg}=0")
+                          f"recipe does not generate; use {arg}=0, or the on-policy recipe "
+                          f"{ON_POLICY_RECIPES[name]!r} (kdjax/methods/onpolicy.py)")
 
 
 @register("minillm", "MiniLLM (off-policy): token-level reverse KL(q‖p) over the vocabulary, T=1")
