@@ -84,6 +84,7 @@ def test_loss_equals_numpy_reference(student_hidden=24):
             np.testing.assert_allclose(v[name], ref, rtol=2e-4, atol=1e-6, err_msg=f"{name} step {step}")
         np.testing.assert_allclose(v["loss"], 0.9 * soft + 0.1 * hard + wrd + 10 * wra + ltrd + 10 * ltra,
                                    rtol=2e-4, err_msg=f"step {step}")
+        assert np.isfinite(v["grad_norm"]) and min(wrd, wra, ltra) > 1e-3
 
 
 def test_recipe_structure():

@@ -37,6 +37,11 @@ CASES = {
     "mt_bert": dict(),
     "theseus": dict(),
     "lrc_bert": dict(),
+    "pd": dict(),
+    "ckd": dict(method_args={"window": 5}),
+    "universal_kd": dict(method_args={"size": 8}),
+    "mgskd": dict(method_args={"relation_heads": 4, "k1": 4, "k2": 4}),
+    "diito": dict(teacher="mlm", task="kdjax_corpus", mlm=True),
 }
 
 

@@ -39,7 +39,8 @@ NEG = -1e9
 
 
 def _normalize(x, eps=1e-8):
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    """x / max(‖x‖, eps), with a zero (not NaN) gradient at x = 0."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def _stacks(ctx, term):
@@ -77,8 +78,10 @@ def window_index(n: int, window: int):
 def wr_angle(s, t, m, window: int):
     idx = window_index(s.shape[2], window)
 
+    same = (idx == jnp.arange(idx.shape[0])[:, None])[None, None, :, :, None]     # j = i: no direction
+
     def angles(e):
-        u = _normalize(e[:, :, idx] - e[:, :, :, None])                  # [L, B, N, W, D]
+        u = jnp.where(same, 0.0, _normalize(e[:, :, idx] - e[:, :, :, None]))   # [L, B, N, W, D]
         return jnp.einsum("lbiwd,lbivd->lbiwv", u, u)
     mw = m[:, idx]                                                        # [B, N, W]
     valid = m[:, :, None, None] * mw[:, :, :, None] * mw[:, :, None, :]
@@ -98,7 +101,8 @@ def ltr_dist(s, t, m):
 def ltr_angle(s, t, m):
     def angles(e):
         e = jnp.moveaxis(e, 0, 2)                                          # [B, N, L, D]
-        u = _normalize(e[:, :, None, :, :] - e[:, :, :, None, :])          # [B, N, a, b, D]: e_b − e_a
+        same = jnp.eye(e.shape[2], dtype=bool)[None, None, :, :, None]
+        u = jnp.where(same, 0.0, _normalize(e[:, :, None, :, :] - e[:, :, :, None, :]))  # [B, N, a, b, D]: e_b − e_a
         return jnp.einsum("zixyd,zixwd->zixyw", u, u)
     err = jnp.square(angles(s) - angles(t)).sum((-3, -2, -1))
     return jnp.sum(err * m) / jnp.maximum(m.sum(), 1.0)
