@@ -40,6 +40,11 @@ CASES = {
     "uld": dict(teacher="causal_lm", task="kdjax_corpus"),
     "xtok_align": dict(teacher="causal_lm", task="kdjax_corpus",
                        method_args={"teacher_tokenizer": MINILM, "student_tokenizer": MINILM}),
+    "pd": dict(),
+    "ckd": dict(method_args={"window": 5}),
+    "universal_kd": dict(method_args={"size": 8}),
+    "mgskd": dict(method_args={"relation_heads": 4, "k1": 4, "k2": 4}),
+    "diito": dict(teacher="mlm", task="kdjax_corpus", mlm=True),
 }
 
 

@@ -243,6 +243,10 @@ def with_head(model: Model, head: str, num_labels: Optional[int] = None) -> Mode
                               source=model.source, id2label=model.id2label)
 
 
+def _shapes(flat: Mapping[str, Any]) -> dict:
+    return {k: tuple(v.shape) for k, v in flat.items()}
+
+
 @dataclasses.dataclass
 class StageRunner:
     """A stage's program (`kdjax.distill.stage.StageProgram`) with its jitted step and eval."""
@@ -477,9 +481,11 @@ class Distillation:
         student = self._stage_student[stage]
         if params is None:
             params = student.params
-        elif stage in self._stage_student and self._stage_student[stage].config.head != self.student.config.head:
-            carried = Model(self.student.config, self.student.graphdef, params)
-            params = with_head(carried, student.config.head).params
+        elif _shapes(old := flat_params(params)) != _shapes(fresh := flat_params(student.params)):
+            # Params of another head (the configured one, or an earlier stage's, e.g. an MLM pre-training
+            # stage before a task stage): keep every tensor of the same name and shape, fresh head otherwise.
+            merged = {k: (old[k] if k in old and old[k].shape == v.shape else v) for k, v in fresh.items()}
+            params = params_from_flat(student.params, merged, student.config.params_dtype)
         seed = int(get(self.config, "train.seed"))
         rng = jax.random.PRNGKey(seed + 1000 * stage)
         trainable = {"student": params, "modules": runner.program.init_modules(rng)}
