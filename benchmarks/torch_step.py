@@ -146,8 +146,10 @@ class TorchKDStep:
     @staticmethod
     def _load(model, directory: str, cfg):
         from transformers import BertModel
+        from transformers.utils import logging as hf_logging
 
         from kdjax import save_pretrained
+        hf_logging.set_verbosity_error()  # the skipped pooler is reported as unexpected weights otherwise
         save_pretrained(model, directory)
         return BertModel.from_pretrained(directory, add_pooling_layer=False, attn_implementation="sdpa",
                                          hidden_dropout_prob=cfg.dropout,

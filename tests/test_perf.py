@@ -150,3 +150,52 @@ def test_pairwise_metric_reports_the_loss():
     total, count = metrics["hidden"]
     np.testing.assert_allclose(float(loss), want, rtol=1e-6)
     np.testing.assert_allclose(float(total) / float(count), want, rtol=1e-6)
+
+
+PROBE = """
+import resource
+import kdjax  # noqa: F401  (configures the host allocator on import)
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: x * 2.0 + 1.0)
+x = jnp.ones((16 * 1024 * 1024,), jnp.float32)  # a 64 MiB output per call, above glibc's mmap threshold
+counts = []
+for _ in range(24):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(x).block_until_ready()  # the previous output is freed when the result is dropped
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(counts)
+"""
+
+
+@pytest.mark.parametrize("choice", ["reuse", "system"])
+def test_repeated_steps_stop_page_faulting(choice):
+    """A program run repeatedly maps no new host memory after warm-up (KDJAX_HOST_MALLOC=system: it does)."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KDJAX_HOST_MALLOC=choice, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    counts = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    pages = 64 * 1024 * 1024 // 4096
+    if choice == "reuse":
+        # The heap grows for the first calls (glibc's aligned blocks need a little more than a freed one
+        # offers until neighbours coalesce), then the freed blocks are handed out again.
+        assert sum(counts[-8:]) <= pages * 1.1, counts
+    else:  # every call maps and touches a fresh 64 MiB
+        assert min(counts[-8:]) >= pages // 2, counts
+
+
+def test_host_malloc_choice_is_checked(monkeypatch):
+    from kdjax import host_memory
+    monkeypatch.setattr(host_memory, "_applied", None)
+    monkeypatch.setenv(host_memory.ENV, "tcmalloc")
+    with pytest.raises(ValueError, match="KDJAX_HOST_MALLOC"):
+        host_memory.reuse_host_memory()
+    monkeypatch.setattr(host_memory, "_applied", None)
+    monkeypatch.setenv(host_memory.ENV, "system")
+    assert host_memory.reuse_host_memory() is False
