@@ -43,7 +43,8 @@ test: $(VENV)/.test-deps
 test-fast: $(VENV)/.test-deps
 	$(BIN)/python -m pytest tests -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-bench: $(VENV)/.deps
+# The KD step against the same step in PyTorch eager (torch comes with the test dependencies), interleaved.
+bench: $(VENV)/.test-deps
 	$(BIN)/python benchmarks/step.py
 
 # AOT plan of the 100B-teacher KD step on a TPU pod slice (libtpu compiles for TPUs on this CPU).

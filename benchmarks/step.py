@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -141,14 +142,36 @@ def _special_ids(model) -> tuple[Optional[int], Optional[int], int]:
 # The two parts of the fused step, compiled on their own
 
 
-def build_teacher_forward(run, stage: int = 0) -> Callable:
+def build_teacher_forward(run, stage: int = 0, *, full: bool = False) -> Callable:
     """`jit(teacher_params, batch) -> {teacher name: (outputs, intermediates)}` with the run's taps.
 
-    Exactly what the fused step computes for its teachers, but every output is materialized (returned),
-    since a standalone program cannot know which of them a later loss will read.
+    What the fused step computes for its teachers: when the stage's terms read only taps, each teacher
+    stops after its last tapped layer and skips its head (`terms.teacher_outputs_needed`). Every tap is
+    materialized (returned), since a standalone program cannot know which of them a later loss will
+    read. `full=True` builds the untruncated pass (all layers, pooler and head) for comparison.
     """
     from kdjax.distill import step as step_lib
-    return jax.jit(step_lib.build_teacher_pass(run.runner(stage).teachers))
+    from kdjax.distill import terms as terms_lib
+    runner = run.runner(stage)
+    terms = runner.stage.terms
+    truncate = not full and not terms_lib.teacher_outputs_needed(terms, runner.stage.loss)
+    return jax.jit(step_lib.build_teacher_pass(runner.teachers, () if full else terms, truncate=truncate))
+
+
+def compiled_flops(fn: Callable, *args) -> Optional[float]:
+    """XLA's cost-analysis FLOP count of `fn` compiled for `args` (None when the backend gives none).
+
+    XLA counts a `while` body once, whatever its trip count, so for scanned layer stacks this is a
+    lower bound; the CPU default unrolls shallow stacks (`kdjax.models.transformer.scans_layers`).
+    """
+    try:
+        cost = fn.lower(*args).compile().cost_analysis()
+    except Exception:  # a backend without cost analysis
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = None if not cost else cost.get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
 
 
 def build_student_step(run, stage: int = 0) -> Callable:
@@ -267,7 +290,7 @@ def split_consistency(full_metrics, split_metrics, full_state, split_state) -> d
 
 def run_benchmark(config, *, batch_size: Optional[int] = None, seq_len: Optional[int] = None, repeats: int = 20,
                   warmup: int = 3, stage: int = 0, seed: int = 0, run=None,
-                  config_source: Optional[str] = None) -> dict:
+                  config_source: Optional[str] = None, torch_reference: bool = True) -> dict:
     """Time the full KD step, the teacher forward and the student step of `config`'s `stage` side by side.
 
     `batch_size`/`seq_len` default to the stage's data entry (`config.data[stage.data]`, else
@@ -323,6 +346,10 @@ def run_benchmark(config, *, batch_size: Optional[int] = None, seq_len: Optional
     # Both stepping programs donate their state, so each keeps its own and threads it through its calls.
     states = {"full_step": run.init_state(stage), "student_step": run.init_state(stage)}
     first_metrics: dict[str, Any] = {}
+    flops = {"full_step": compiled_flops(runner.step_fn, states["full_step"], teacher_params, batch),
+             "teacher_forward": compiled_flops(teacher_forward, teacher_params, batch)}
+    teacher_full = build_teacher_forward(run, stage, full=True)
+    flops["teacher_forward_full"] = compiled_flops(teacher_full, teacher_params, batch)
 
     def call_full():
         states["full_step"], metrics = runner.step_fn(states["full_step"], teacher_params, batch)
@@ -332,24 +359,67 @@ def run_benchmark(config, *, batch_size: Optional[int] = None, seq_len: Optional
     def call_teacher():
         jax.block_until_ready(teacher_forward(teacher_params, batch))
 
+    def call_teacher_full():
+        jax.block_until_ready(teacher_full(teacher_params, batch))
+
     def call_student():
         states["student_step"], metrics = student_step(states["student_step"], teacher_results, batch)
         jax.block_until_ready((states["student_step"], metrics))
         first_metrics.setdefault("student_step", metrics)
 
-    timings = time_interleaved({"full_step": call_full, "teacher_forward": call_teacher,
-                                "student_step": call_student}, repeats=repeats, warmup=warmup)
+    programs = {"full_step": call_full, "teacher_forward": call_teacher, "student_step": call_student}
+    # The untruncated teacher is timed only where truncation changes the program (a middle layer is read).
+    truncated = (flops["teacher_forward"] is not None and flops["teacher_forward_full"] is not None
+                 and flops["teacher_forward"] < flops["teacher_forward_full"])
+    if truncated:
+        programs["teacher_forward_full"] = call_teacher_full
+    torch_note = None
+    torch_first_loss = None
+    if torch_reference:
+        torch_mod = _load_torch_step()
+        try:
+            torch_step = torch_mod.TorchKDStep(run, stage)
+        except (ValueError, ImportError) as e:
+            torch_note = f"no PyTorch reference: {e}"
+        else:
+            torch_first_loss = torch_step.loss(host_batch).item()
+
+            def call_torch():
+                torch_step.step(host_batch)
+
+            programs["torch_step"] = call_torch
+            flops["torch_step"] = flops["full_step"]  # the same computation
+    peak = _load_torch_step().matmul_peak() if torch_reference else None
+    faults = {name: [] for name in programs}
+
+    def counting(name, fn):
+        def call():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            fn()
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return call
+
+    load_before = os.getloadavg()
+    timings = time_interleaved({n: counting(n, f) for n, f in programs.items()}, repeats=repeats, warmup=warmup)
+    load_after = os.getloadavg()
     timings["teacher_forward"].first_call_s = teacher_first_call_s
     consistency = split_consistency(first_metrics["full_step"], first_metrics["student_step"],
                                     states["full_step"], states["student_step"])
+    if torch_first_loss is not None:
+        consistency["first_loss_torch"] = torch_first_loss
 
     parts = {}
-    for name in PARTS:
+    peak_flops = None if peak is None else 1e9 * max(peak["jax_gflops"], peak["torch_gflops"])
+    for name in programs:
         t = timings[name]
+        n_faults = faults[name][-repeats:]
         parts[name] = {"median_s": t.median_s, "min_s": t.min_s, "first_call_s": t.first_call_s,
-                       "tokens_per_s": valid_tokens / t.median_s, "samples_s": list(t.samples_s)}
+                       "tokens_per_s": valid_tokens / t.median_s, "samples_s": list(t.samples_s),
+                       "flops": flops.get(name), "minor_faults_per_call": float(statistics.median(n_faults)),
+                       "fraction_of_matmul_peak": (None if peak_flops is None or flops.get(name) is None
+                                                   else flops[name] / t.median_s / peak_flops)}
     full, teach, stud = (timings[n] for n in PARTS)
-    return {
+    result = {
         "config": config_source,
         "method": run.method.name,
         "stage": {"index": stage, "name": runner.stage.name, "terms": [t.name for t in runner.stage.terms]},
@@ -360,12 +430,34 @@ def run_benchmark(config, *, batch_size: Optional[int] = None, seq_len: Optional
         "batch_size": batch_size, "seq_len": seq_len, "valid_tokens": valid_tokens,
         "padded_tokens": batch_size * seq_len, "repeats": repeats, "warmup": warmup, "seed": seed,
         "device": device_info(),
+        "load_average": {"before": list(load_before), "after": list(load_after)},
+        "matmul_peak": peak,
         "parts": parts,
         "full_step_tokens_per_s": valid_tokens / full.median_s,
         "overhead_ratio": full.median_s / (teach.median_s + stud.median_s),
         "overhead_ratio_min": full.min_s / (teach.min_s + stud.min_s),
+        "teacher_truncation": {"flops": flops["teacher_forward"], "flops_full": flops["teacher_forward_full"],
+                               "timed": truncated},
         "consistency": consistency,
     }
+    if "torch_step" in timings:
+        result["kdjax_over_torch"] = timings["torch_step"].median_s / full.median_s
+        result["kdjax_over_torch_min"] = timings["torch_step"].min_s / full.min_s
+    if torch_note:
+        result["torch_note"] = torch_note
+    return result
+
+
+def _load_torch_step():
+    """`benchmarks/torch_step.py` as a module (this directory is not a package)."""
+    name = "kdjax_bench_torch_step"
+    if name not in sys.modules:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "torch_step.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def format_report(result: Mapping[str, Any]) -> str:
@@ -379,18 +471,40 @@ def format_report(result: Mapping[str, Any]) -> str:
              f"{result['repeats']} interleaved repeats after {result['warmup']} warm-up",
              ""]
     rows = []
-    for name in PARTS:
-        p = result["parts"][name]
+    for name, p in result["parts"].items():
+        frac = p.get("fraction_of_matmul_peak")
         rows.append({"program": name, "median ms": 1e3 * p["median_s"], "min ms": 1e3 * p["min_s"],
-                     "first call s (compile)": p["first_call_s"], "valid tokens/s": p["tokens_per_s"]})
+                     "first call s (compile)": p["first_call_s"], "valid tokens/s": p["tokens_per_s"],
+                     "GFLOP": "" if p.get("flops") is None else p["flops"] / 1e9,
+                     "of matmul peak": "" if frac is None else f"{100 * frac:.0f}%",
+                     "minor faults/call": p.get("minor_faults_per_call", "")})
     lines.append(report.format_table(rows))
     lines.append("")
+    load = result.get("load_average")
+    if load:
+        lines.append(f"load average (1/5/15 min): before {'/'.join(f'{x:.2f}' for x in load['before'])}, "
+                     f"after {'/'.join(f'{x:.2f}' for x in load['after'])} on {result['device']['host_cpus']} cpus")
+    peak = result.get("matmul_peak")
+    if peak:
+        lines.append(f"fp32 matmul peak ({peak['n']}^3): jax {peak['jax_gflops']:.1f} GFLOP/s, torch "
+                     f"{peak['torch_gflops']:.1f} GFLOP/s")
     lines.append(f"full step: {result['full_step_tokens_per_s']:.1f} valid tokens/s")
+    if "kdjax_over_torch" in result:
+        lines.append(f"kdjax / PyTorch eager tokens/s: {result['kdjax_over_torch']:.2f} median, "
+                     f"{result['kdjax_over_torch_min']:.2f} min")
+    elif result.get("torch_note"):
+        lines.append(result["torch_note"])
+    tt = result.get("teacher_truncation") or {}
+    if tt.get("flops") and tt.get("flops_full"):
+        lines.append(f"teacher pass: {tt['flops'] / 1e9:.3g} GFLOP as run, {tt['flops_full'] / 1e9:.3g} GFLOP untruncated "
+                     f"({100 * (1 - tt['flops'] / tt['flops_full']):.0f}% less)")
     lines.append(f"overhead ratio full / (teacher_forward + student_step): {result['overhead_ratio']:.3f} median, "
                  f"{result['overhead_ratio_min']:.3f} min")
     c = result["consistency"]
     lines.append(f"split check: first-step metrics match the fused step to {c['first_metrics_max_rel_diff']:.1e} "
                  f"(relative), final parameters to {c['final_params_max_abs_diff']:.1e} (absolute)")
+    if "first_loss_torch" in c:
+        lines.append(f"PyTorch check: first-step loss {c['first_loss_torch']:.7g} vs kdjax {c['first_loss_full']:.7g}")
     return "\n".join(lines)
 
 
@@ -420,6 +534,8 @@ def main(argv: Sequence[str]) -> dict:
     warmup = flags.DEFINE_integer("warmup", 3, "Untimed rounds after the first (compiling) call.", flag_values=fv)
     stage = flags.DEFINE_integer("stage", 0, "Which stage of a multi-stage method to measure.", flag_values=fv)
     seed = flags.DEFINE_integer("seed", 0, "Seed of the synthetic batch.", flag_values=fv)
+    torch_ref = flags.DEFINE_boolean("torch", True, "Also time the same step in PyTorch eager (benchmarks/"
+                                     "torch_step.py) and probe the fp32 matmul peak.", flag_values=fv)
     output = flags.DEFINE_string("output", os.path.join("workdir", "bench", "step.json"),
                                  "Where the JSON result goes ('' to skip).", flag_values=fv)
     try:
@@ -435,7 +551,8 @@ def main(argv: Sequence[str]) -> dict:
     if overrides:
         source += " " + " ".join(f"--config.{k}={v}" for k, v in sorted(overrides.items()))
     result = run_benchmark(config_flag.value, batch_size=batch.value, seq_len=seq.value, repeats=repeats.value,
-                           warmup=warmup.value, stage=stage.value, seed=seed.value, config_source=source)
+                           warmup=warmup.value, stage=stage.value, seed=seed.value, config_source=source,
+                           torch_reference=torch_ref.value)
     print(format_report(result))
     if output.value:
         report.write_json(output.value, result)

@@ -6,7 +6,12 @@ workdir and inputs (and refuse bad ones) before jax is imported.
 
 import importlib
 
+from kdjax.host_memory import reuse_host_memory
+
 __version__ = "0.1.0"
+
+# Before jax starts its worker threads: freed step buffers are reused instead of re-mapped (host_memory).
+reuse_host_memory()
 
 _LAZY = {
     "CheckpointError": "kdjax.hub", "Model": "kdjax.hub", "load_pretrained": "kdjax.hub",

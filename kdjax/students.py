@@ -80,7 +80,12 @@ def student_from(teacher: Model, *, num_layers: Optional[int] = None,
 
     Parameters whose shapes differ from the teacher's (a narrower width, a new vocabulary) start from a
     random initialization; asking to copy layers into a student of another width is an error.
+    The student's precision is its own: it computes in float32 and keeps float32 (master) parameters
+    whatever the teacher's dtypes, unless `dtype` / `param_dtype` ask otherwise (a bfloat16 teacher is a
+    frozen, cheaper forward; its student is still trained in float32).
     """
+    config_overrides.setdefault("dtype", "float32")
+    config_overrides.setdefault("param_dtype", "float32")
     if layers is not None:
         init = layers
     if num_layers is None:

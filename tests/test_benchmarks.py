@@ -119,7 +119,17 @@ def test_main_smoke(teacher_dir, tmp_path, capsys):
     assert c["first_loss_full"] > 0 and c["first_metrics_max_rel_diff"] < 1e-4
     assert c["final_params_max_abs_diff"] < 1e-4
     assert "teacher.path" in saved["config"] and saved["stage"]["terms"] == result["stage"]["terms"]
+    # The PyTorch eager step starts from the same weights on the same batch: same first-step loss.
+    assert "torch_step" in saved["parts"] and saved["kdjax_over_torch"] > 0
+    assert math.isclose(c["first_loss_torch"], c["first_loss_full"], rel_tol=1e-5, abs_tol=1e-7)
+    assert saved["matmul_peak"]["jax_gflops"] > 0 and saved["matmul_peak"]["torch_gflops"] > 0
+    assert len(saved["load_average"]["before"]) == 3
+    full_part = saved["parts"]["full_step"]
+    assert full_part["flops"] > 0 and 0 < full_part["fraction_of_matmul_peak"] and full_part["minor_faults_per_call"] >= 0
+    tt = saved["teacher_truncation"]
+    assert 0 < tt["flops"] <= tt["flops_full"]
     printed = capsys.readouterr().out
+    assert "kdjax / PyTorch eager tokens/s" in printed and "load average" in printed and "PyTorch check" in printed
     assert "overhead ratio" in printed and "split check" in printed and "| full_step |" in printed and "jax " + jax.__version__ in printed
 
 
@@ -131,3 +141,17 @@ def test_main_rejects_bad_input(teacher_dir, tmp_path):
         bench.main(["step.py", "--repeat=3"])
     with pytest.raises(ValueError, match="stage 3 does not exist"):
         bench.main(["step.py", f"--config.teacher.path={teacher_dir}", "--stage=3", "--output="])
+
+
+def test_torch_step_refuses_what_it_does_not_reimplement(teacher_dir):
+    from kdjax.distill.run import Distillation
+
+    from configs import quickstart  # importable: benchmarks/step.py puts the repository root on sys.path
+
+    torch_step = bench._load_torch_step()
+    config = quickstart.get_config("steps=10")
+    config.teacher.path = teacher_dir
+    config.method = "minilmv2+unified"
+    config.method_args = dict(minilmv2=dict(num_relation_heads=12), unified=dict(knowledge=("hidden", "cosine")))
+    with pytest.raises(ValueError, match="cosine.*no PyTorch version"):
+        torch_step.TorchKDStep(Distillation(config))

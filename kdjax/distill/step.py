@@ -166,12 +166,15 @@ def _chunking(terms: Sequence[Term]) -> bool:
     return any(terms_lib.logit_chunk_size(t) is not None for t in terms)
 
 
-def build_teacher_pass(teachers: Sequence[TeacherSpec], terms: Sequence[Term] = ()) -> Callable:
+def build_teacher_pass(teachers: Sequence[TeacherSpec], terms: Sequence[Term] = (), *,
+                       truncate: bool = False) -> Callable:
     """`(teacher_params, batch) -> {name: (outputs, intermediates)}`, frozen (`stop_gradient`).
 
     With chunked logit terms among `terms`, each entry is `(outputs, intermediates, params)`: the
     teacher's parameters travel along for the per-chunk head, and its forward skips the LM head unless
-    an unchunked term reads the teacher's logits.
+    an unchunked term reads the teacher's logits. `truncate`: the caller reads only the teachers' taps
+    (`terms.teacher_outputs_needed` is False), so each teacher stops after its last tapped layer and
+    returns empty outputs.
 
     A cache-backed teacher (its graphdef a `kdjax.knowledge.sparse.CachedTeacherRef`) runs nothing: its
     entry is `(CachedLogits, empty Intermediates)` read from the batch's `teacher_topk_*` fields
@@ -187,8 +190,11 @@ def build_teacher_pass(teachers: Sequence[TeacherSpec], terms: Sequence[Term] = 
                 results[t.name] = jax.lax.stop_gradient((t.graphdef.outputs(batch), Intermediates()))
                 continue
             with jax.named_scope(f"teacher_{t.name}"):
-                run = forward if full_logits else trunk_forward
-                out, inter = run(t.graphdef, teacher_params[t.name], batch, t.taps)
+                if truncate:
+                    out, inter = forward(t.graphdef, teacher_params[t.name], batch, t.taps, outputs=False)
+                else:
+                    run = forward if full_logits else trunk_forward
+                    out, inter = run(t.graphdef, teacher_params[t.name], batch, t.taps)
             result = (out, inter, teacher_params[t.name]) if chunking else (out, inter)
             results[t.name] = jax.lax.stop_gradient(result)
         return results
@@ -397,7 +403,8 @@ def build_step(*, student_graphdef, student_config: ModelConfig, student_taps: T
                total_steps: int, grad_accum: int = 1, update_mask=None, vocab_map=None,
                stage_loss: Optional[Callable] = None, stage_key: Optional[jax.Array] = None) -> Callable:
     """The pure step function for one stage (jit it with the shardings of the caller's choice)."""
-    teacher_pass = build_teacher_pass(teachers, terms)
+    teacher_pass = build_teacher_pass(teachers, terms,
+                                      truncate=not terms_lib.teacher_outputs_needed(terms, stage_loss))
     grad_fn = jax.value_and_grad(build_loss_fn(
         student_graphdef=student_graphdef, student_config=student_config, student_taps=student_taps,
         teachers=teachers, terms=terms, vocab_map=vocab_map, stage_loss=stage_loss, stage_key=stage_key),

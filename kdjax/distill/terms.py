@@ -23,7 +23,7 @@ from kdjax.methods.base import MethodError, Module, Term
 from kdjax.models.config import ModelConfig
 from kdjax.models.taps import TapSpec
 
-__all__ = ["LM_HEADS", "TermContext", "init_modules", "lm_head", "logit_chunk_size", "logits_needed", "merge_metrics",
+__all__ = ["LM_HEADS", "TAP_ONLY_SOURCES", "teacher_outputs_needed", "TermContext", "init_modules", "lm_head", "logit_chunk_size", "logits_needed", "merge_metrics",
            "module_specs", "pairs_for", "required_taps", "schedule_value", "terms_loss", "validate_terms"]
 
 LM_HEADS = ("mlm", "causal_lm")
@@ -45,6 +45,20 @@ def logits_needed(terms: Sequence[Term]) -> tuple[bool, bool]:
     student = any((t.source == "logits" and logit_chunk_size(t) is None) or t.source == "labels" for t in terms)
     teacher = any(t.source == "logits" and logit_chunk_size(t) is None for t in terms)
     return student, teacher
+
+
+# Sources whose terms read only the models' taps (never `ModelOutputs`: logits, hidden state, pooler).
+TAP_ONLY_SOURCES = ("hidden_states", "embeddings", "cls", "attention_scores", "attention_probs", "qkv", "value",
+                    "attention_context")
+
+
+def teacher_outputs_needed(terms: Sequence[Term], stage_loss: Optional[Callable] = None) -> bool:
+    """Whether a teacher pass must compute its outputs (head, pooler, last hidden state) for a stage.
+
+    Not when every term reads taps only and the stage has no loss function of its own (which may read
+    anything): then the teacher runs only up to its last tapped layer.
+    """
+    return stage_loss is not None or any(t.source not in TAP_ONLY_SOURCES for t in terms)
 
 
 def lm_head(graphdef, params) -> LinearHead:

@@ -133,7 +133,7 @@ def check_model_type(hf: dict) -> None:
 
 
 def checkpoint_config(hf: dict, tensor_names: Sequence[str], *, dtype: Optional[str] = None,
-                      param_dtype: Optional[str] = None, head: Optional[str] = None, scan_layers: bool = True,
+                      param_dtype: Optional[str] = None, head: Optional[str] = None, scan_layers: Optional[bool] = None,
                       remat_policy: str = "none", **config_overrides) -> ModelConfig:
     """The `ModelConfig` for a checkpoint's `config.json` and tensor names, as every loader builds it.
 
@@ -154,7 +154,7 @@ def checkpoint_config(hf: dict, tensor_names: Sequence[str], *, dtype: Optional[
 
 
 def load_pretrained(name_or_path: str, *, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
-                                        head: Optional[str] = None, strict: bool = True, scan_layers: bool = True,
+                                        head: Optional[str] = None, strict: bool = True, scan_layers: Optional[bool] = None,
                                         remat_policy: str = "none", progress: bool = False, **config_overrides) -> Model:
     """Load a Hugging Face checkpoint (directory or hub id) as a kdjax `Model` with its tokenizer.
 

@@ -289,7 +289,7 @@ def _check_shapes(reader: SliceReader, rows: list[WeightRow], names: dict[str, l
 
 def load_sharded(name_or_path: str, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_TEACHER_RULES, *,
                  dtype: Optional[str] = None, param_dtype: Optional[str] = None, head: Optional[str] = None,
-                 strict: bool = True, scan_layers: bool = True, remat_policy: str = "none",
+                 strict: bool = True, scan_layers: Optional[bool] = None, remat_policy: str = "none",
                  progress: bool = False, strict_sharding: bool = False, stats: Optional[ReadStats] = None,
                  **config_overrides) -> Model:
     """Load a Hugging Face safetensors checkpoint as a `Model` whose params are sharded over `mesh`.

@@ -307,13 +307,21 @@ def _cross_entropy(ctx: TermContext, term):
 
 
 def _pairwise(ctx: TermContext, term, one_pair: Callable) -> tuple:
-    """Σ over the matched layer pairs of `one_pair(i, j)`, metrics merged."""
+    """Σ over the matched layer pairs of `one_pair(i, j)`, and metrics that report that same sum.
+
+    Each pair's metric is a `(sum, count)` whose ratio is the pair's mean; the pairs share one mask,
+    hence one count, so `(Σ sums, Σ counts / n_pairs)` reads as the sum of the pairs' means, i.e. the
+    term's loss (merging the pairs' counts as they are would report the mean over pairs instead).
+    """
     total = jnp.zeros((), jnp.float32)
     metrics: dict = {}
-    for i, j in ctx.pairs(term):
+    pairs = ctx.pairs(term)
+    for i, j in pairs:
         loss, m = one_pair(i, j)
         total = total + loss
         metrics = merge_metrics(metrics, m)
+    if len(pairs) > 1:
+        metrics = {k: (s, c / len(pairs)) for k, (s, c) in metrics.items()}
     return total, metrics
 
 

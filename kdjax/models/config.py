@@ -119,7 +119,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    scan_layers: bool = True
+    scan_layers: Optional[bool] = None  # None: auto (kdjax.models.transformer.scans_layers)
     remat_policy: str = "none"
     extra: tuple = ()  # (key, value) pairs carried to the exported HF config
 

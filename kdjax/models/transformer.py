@@ -471,7 +471,11 @@ class Transformer(nnx.Module):
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
                               token_type_ids: Optional[Array] = None, position_ids: Optional[Array] = None,
                               taps: Any = None, dropout_key: Optional[Array] = None,
-                              hooks: Optional[ForwardHooks] = None) -> ModelOutputs:
+                              hooks: Optional[ForwardHooks] = None, outputs: bool = True) -> ModelOutputs:
+        """One forward pass. `outputs=False` says the caller reads only the taps (a frozen teacher whose
+        terms read features): the pass then stops after the last tapped layer and computes neither the
+        final norm (unless the last hidden state is tapped), the pooler nor the head; every field of the
+        returned `ModelOutputs` is None. A `logits` tap still runs the whole model."""
         c = self.config
         if not (c.dropout or c.attention_dropout):
             dropout_key = None
@@ -491,39 +495,32 @@ class Transformer(nnx.Module):
         h = activations.constrain(h)
         if "embeddings" in resolved:
             self.sow(TAP_TYPES["embeddings"], "embeddings", h)
-        rope = rope_tables(positions, c.dim_per_head, c.rope_theta, c.rope_scaling) if c.position_embedding == "rope" else None
-        if c.per_layer_attention and rope is not None and c.rope_local_theta is not None:
-            rope = (rope, rope_tables(positions, c.dim_per_head, c.rope_local_theta))
-        allowed = self._attention_mask(attention_mask)
 
         # A dense model has no router: a `router_logits` request records nothing (the tap stays None), so
         # one tap set (e.g. every kind) serves dense and MoE models alike.
         layer_kinds = frozenset(k for k in resolved if k in LAYER_KINDS and (k != "router_logits" or c.num_experts))
-        want_hidden = "hidden_states" in resolved
-        block_hook = None if hooks is None else hooks.block
-        h_last, stacked = self._run_layers(h, allowed, rope, layer_kinds, want_hidden, resolved, layer_keys,
-                                           block_hook)
-        if self.final_norm is not None:
-            h_last = self.final_norm(h_last)
-
-        if want_hidden:
-            # HF convention: L+1 states, [0] = embeddings; decoders report the last one after the final norm.
-            states = stacked.pop("hidden_states")  # [L, B, S, D] or the selected subset (see _run_layers)
-            idx = resolved["hidden_states"]
-            if states is None:
-                all_states = jnp.concatenate([h[None], stacked.pop("_all_hidden")], axis=0)
-                if self.final_norm is not None:
-                    all_states = all_states.at[-1].set(h_last)
-                states = all_states[jnp.asarray(idx)] if idx != tuple(range(c.num_layers + 1)) else all_states
-            self.sow(TAP_TYPES["hidden_states"], "hidden_states", states)
-        for kind in layer_kinds:
+        depth = c.num_layers if outputs or "logits" in resolved else tapped_depth(resolved, layer_kinds)
+        if depth:
+            rope = (rope_tables(positions, c.dim_per_head, c.rope_theta, c.rope_scaling)
+                    if c.position_embedding == "rope" else None)
+            if c.per_layer_attention and rope is not None and c.rope_local_theta is not None:
+                rope = (rope, rope_tables(positions, c.dim_per_head, c.rope_local_theta))
+            allowed = self._attention_mask(attention_mask)
+            block_hook = None if hooks is None else hooks.block
+            h, stacked = self._run_layers(h, allowed, rope, layer_kinds, resolved, depth, layer_keys, block_hook)
+        else:
+            stacked = {"hidden_states": h[None]} if "hidden_states" in resolved else {}
+        if "hidden_states" in resolved:
+            self.sow(TAP_TYPES["hidden_states"], "hidden_states", stacked["hidden_states"])
+        for kind in sorted(layer_kinds):
             values = stacked[kind]
-            idx = resolved[kind]
-            if idx != tuple(range(c.num_layers)) and c.scan_layers:
-                values = values[jnp.asarray(idx)]
             if kind == "router_logits" and c.dense_layers:  # MoE layers only, as transformers reports them
-                values = values[jnp.asarray([j for j, i in enumerate(idx) if i not in c.dense_layers], jnp.int32)]
+                values = values[jnp.asarray([j for j, i in enumerate(resolved[kind]) if i not in c.dense_layers],
+                                            jnp.int32)]
             self.sow(TAP_TYPES[kind], kind, values)
+        if depth < c.num_layers or not outputs and "logits" not in resolved:
+            return ModelOutputs()
+        h_last = h if self.final_norm is None else self.final_norm(h)
 
         out = ModelOutputs(last_hidden_state=h_last)
         if c.head in ("mlm", "causal_lm"):
@@ -569,67 +566,144 @@ class Transformer(nnx.Module):
             rope = (jnp.where(local, cos_l, cos_g), jnp.where(local, sin_l, sin_g))
         return allowed, rope
 
-    def _run_layers(self, h, allowed, rope, layer_kinds, want_hidden, resolved, layer_keys=None, block_hook=None):
+    def _run_layers(self, h, allowed, rope, layer_kinds, resolved, depth, layer_keys=None, block_hook=None):
+        """Blocks `0 .. depth-1` on `h`; returns the last block's output and `{kind: stacked taps}`.
+
+        The blocks are cut into segments of consecutive layers that record the same tap kinds, so a
+        layer records only what was asked of it: under `scan` each segment of more than one layer is
+        one `lax.scan` (whose stacked outputs hold exactly the segment's layers), otherwise the layers
+        are applied one by one from slices of the stacked parameters. With no taps, or one kind on
+        every layer, the stack is a single scan (or a plain unrolled loop). `hidden_states` index 0 is
+        the embeddings `h`, index L the last output after the final norm where the model has one.
+        """
         c = self.config
         graphdef, state = nnx.split(self.layers)
         plan = self._layer_plan()
+        scanned = scans_layers(c)
+        hidden_index = set(resolved.get("hidden_states", ()))
 
-        def body(carry, xs):
-            if block_hook is None:
-                layer_state, key, layer_plan = xs
-            else:
+        def needs(i: int) -> frozenset:
+            kinds = {k for k in layer_kinds if i in resolved[k]}
+            return frozenset(kinds | ({"_hidden"} if i + 1 in hidden_index else set()))
+
+        def make_body(kinds: frozenset):
+            block_kinds = kinds - {"_hidden"}
+
+            def body(carry, xs):
                 layer_state, key, layer_plan, index = xs
-            dense = None
-            if isinstance(layer_plan, dict):  # a model with dense layers among its MoE layers
-                layer_plan, dense = layer_plan["attention"], layer_plan["dense"]
-            layer = nnx.merge(graphdef, layer_state)
-            layer_allowed, layer_rope = self._layer_inputs(allowed, rope, layer_plan)
-            new_h, taps = layer(carry, layer_allowed, layer_rope, layer_kinds, key, dense)
-            if block_hook is not None:
-                new_h = block_hook(index, carry, new_h, BlockContext(layer_allowed, layer_rope))
-            new_h = activations.constrain(new_h)
-            if want_hidden:
-                taps["_all_hidden"] = new_h
-            return new_h, taps
+                dense = None
+                if isinstance(layer_plan, dict):  # a model with dense layers among its MoE layers
+                    layer_plan, dense = layer_plan["attention"], layer_plan["dense"]
+                layer = nnx.merge(graphdef, layer_state)
+                layer_allowed, layer_rope = self._layer_inputs(allowed, rope, layer_plan)
+                new_h, taps = layer(carry, layer_allowed, layer_rope, block_kinds, key, dense)
+                if block_hook is not None:
+                    new_h = block_hook(index, carry, new_h, BlockContext(layer_allowed, layer_rope))
+                new_h = activations.constrain(new_h)
+                if "_hidden" in kinds:
+                    taps["_hidden"] = new_h
+                return new_h, taps
 
-        if c.remat_policy != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
+            if c.remat_policy != "none":
+                body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not scanned)
+            return body
 
-        if c.dense_layers and c.scan_layers:
-            plan = {"attention": plan, "dense": jnp.asarray([i in c.dense_layers for i in range(c.num_layers)])}
-        if c.scan_layers:
-            xs = (state, layer_keys, plan) if block_hook is None else (state, layer_keys, plan, jnp.arange(c.num_layers))
-            h, stacked = jax.lax.scan(body, h, xs)
-            stacked = dict(stacked)
-            if want_hidden:
-                stacked["hidden_states"] = None
-            return h, stacked
+        segments: list[list] = []  # [start, stop, kinds]
+        for i in range(depth):
+            kinds = needs(i)
+            if segments and segments[-1][2] == kinds:
+                segments[-1][1] = i + 1
+            else:
+                segments.append([i, i + 1, kinds])
 
-        # Unrolled: slice the stacked parameters layer by layer; keep only the selected layers' taps.
-        collected: dict[str, list] = {k: [] for k in layer_kinds}
-        hidden = [h]
-        for i in range(c.num_layers):
-            layer_state = jax.tree.map(lambda x: x[i], state)
-            layer_plan = None if plan is None else tuple(x[i] for x in plan)
-            if c.dense_layers:  # unrolled: each layer runs only its own FFN (a static choice)
-                layer_plan = {"attention": layer_plan, "dense": i in c.dense_layers}
-            xs = (layer_state, None if layer_keys is None else layer_keys[i], layer_plan)
-            h, taps = body(h, xs if block_hook is None else xs + (i,))
-            for kind in layer_kinds:
-                if i in resolved[kind]:
-                    collected[kind].append(taps[kind])
-            if want_hidden:
-                hidden.append(h)
-        stacked = {}
-        for kind in layer_kinds:
-            order = sorted(set(resolved[kind]))
-            by_layer = dict(zip(order, collected[kind]))
-            stacked[kind] = jnp.stack([by_layer[i] for i in resolved[kind]])
-        if want_hidden:
-            if self.final_norm is not None:
-                hidden[-1] = self.final_norm(hidden[-1])
-            stacked["hidden_states"] = jnp.stack([hidden[i] for i in resolved["hidden_states"]])
+        # Where each recorded (kind, layer) lives: ("scan", segment outputs, position) or ("one", value).
+        found: dict[tuple[str, int], tuple] = {}
+        h_in = h
+        for start, stop, kinds in segments:
+            body = make_body(kinds)
+            if scanned and stop - start > 1:
+                whole = start == 0 and stop == c.num_layers
+                cut = (lambda x: x) if whole else (lambda x: x[start:stop])
+                seg_plan = None if plan is None else tuple(cut(p) for p in plan)
+                if c.dense_layers:  # scanned: a per-layer flag picks the FFN (lax.cond in the block)
+                    seg_plan = {"attention": seg_plan, "dense": jnp.asarray([i in c.dense_layers
+                                                                             for i in range(start, stop)])}
+                xs = (jax.tree.map(cut, state), None if layer_keys is None else cut(layer_keys), seg_plan,
+                      jnp.arange(start, stop))
+                h, ys = jax.lax.scan(body, h, xs)
+                for kind, values in ys.items():
+                    for i in range(start, stop):
+                        found[(kind, i)] = ("scan", values, i - start, start, stop)
+            else:
+                for i in range(start, stop):
+                    one_plan = None if plan is None else tuple(p[i] for p in plan)
+                    if c.dense_layers:  # one layer at a time: its own FFN only (a static choice)
+                        one_plan = {"attention": one_plan, "dense": i in c.dense_layers}
+                    xs = (jax.tree.map(lambda x: x[i], state), None if layer_keys is None else layer_keys[i],
+                          one_plan, i)
+                    h, taps = body(h, xs)
+                    for kind, value in taps.items():
+                        found[(kind, i)] = ("one", value)
+
+        if depth == c.num_layers and c.num_layers in hidden_index and self.final_norm is not None:
+            # HF convention: decoders report the last hidden state after the final norm.
+            found[("_hidden", c.num_layers - 1)] = ("one", self.final_norm(h))
+        stacked = {kind: _stack([found[(kind, i)] for i in resolved[kind]]) for kind in layer_kinds}
+        if hidden_index:
+            stacked["hidden_states"] = _stack([("one", h_in) if i == 0 else found[("_hidden", i - 1)]
+                                               for i in resolved["hidden_states"]])
         return h, stacked
+
+
+def _stack(entries: list) -> Array:
+    """`[n, ...]` from per-layer entries, slicing runs of consecutive scan outputs instead of re-stacking them."""
+    pieces: list = []  # [values, first, last] for scan runs, or an array with a leading 1 axis
+    for entry in entries:
+        if entry[0] == "scan":
+            _, values, pos = entry[:3]
+            last = pieces[-1] if pieces else None
+            if isinstance(last, list) and last[0] is values and last[2] == pos - 1:
+                last[2] = pos
+            else:
+                pieces.append([values, pos, pos])
+        else:
+            pieces.append(entry[1][None])
+    arrays = []
+    for piece in pieces:
+        if isinstance(piece, list):
+            values, first, last = piece
+            arrays.append(values if (first, last) == (0, values.shape[0] - 1) else values[first:last + 1])
+        else:
+            arrays.append(piece)
+    return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=0)
+
+
+def tapped_depth(resolved: Mapping[str, tuple], layer_kinds) -> int:
+    """How many blocks a pass must run to record `resolved` taps (0: the embeddings suffice)."""
+    depth = 0
+    for kind, index in resolved.items():
+        if kind == "hidden_states":
+            depth = max(depth, max(index, default=0))
+        elif kind in layer_kinds:
+            depth = max(depth, max(index, default=-1) + 1)
+    return depth
+
+
+AUTO_UNROLL_MAX_LAYERS = 12
+
+
+def scans_layers(config: ModelConfig) -> bool:
+    """Whether the layer loop runs as `lax.scan`: `config.scan_layers`, or when it is None (auto), scan
+    unless the backend is the CPU and the model has at most `AUTO_UNROLL_MAX_LAYERS` layers.
+
+    On the CPU a scanned stack runs its iterations one after the other, writes every tapped tensor
+    into a zero-initialized stacked buffer and slices each layer's weights per iteration; unrolled,
+    XLA overlaps and fuses across layers. Deep models and accelerators keep the scan, whose compile
+    time does not grow with depth.
+    """
+    if config.scan_layers is not None:
+        return bool(config.scan_layers)
+    return not (jax.default_backend() == "cpu" and config.num_layers <= AUTO_UNROLL_MAX_LAYERS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -643,13 +717,15 @@ def split(model: Transformer):
 
 
 def forward(graphdef, params, batch: Mapping[str, Array], taps: Any = None, dropout_key: Optional[Array] = None,
-            hooks: Optional[ForwardHooks] = None):
+            hooks: Optional[ForwardHooks] = None, outputs: bool = True):
     """`(outputs, intermediates)` of one forward pass; a pure function of its arguments.
 
     `batch` holds `input_ids` and optionally `attention_mask`, `token_type_ids`, `position_ids`.
     `taps` is anything `TapSpec.of` accepts; it must be static under jit (it is hashable).
     `dropout_key` turns on the config's dropout (training); without it the pass is deterministic.
     `hooks` (`ForwardHooks`) rewrite the residual stream after the embeddings and after each layer.
+    `outputs=False`: only the taps are read; the pass stops after the last tapped layer and skips the
+    final norm, pooler and head (`Transformer.__call__`), and the returned outputs are all None.
     """
     spec = TapSpec.of(taps)
     model = nnx.merge(graphdef, params)
@@ -657,6 +733,8 @@ def forward(graphdef, params, batch: Mapping[str, Array], taps: Any = None, drop
                                 position_ids=batch.get("position_ids"), dropout_key=dropout_key)
     if hooks is not None:
         kwargs["hooks"] = hooks
+    if not outputs:
+        kwargs["outputs"] = False
     if not spec:
         return model(batch["input_ids"], **kwargs), Intermediates()
     outputs, *captured = nnx.capture(model, *TAP_TYPES.values())(batch["input_ids"], taps=spec, **kwargs)
