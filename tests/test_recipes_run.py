@@ -37,6 +37,9 @@ CASES = {
     "mt_bert": dict(),
     "theseus": dict(),
     "lrc_bert": dict(),
+    "takd": dict(),
+    "dgkd": dict(),
+    "rl_kd": dict(method_args={"average_stage": True}),
 }
 
 
@@ -86,9 +89,9 @@ def case_batches(run, case, stage, steps=2):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_recipe_runs_every_stage(name, teachers):
     run, case = case_run(name, teachers)
-    params = None
+    previous = None
     for stage in range(run.num_stages):
-        state = run.init_state(stage, params=params)
+        state = run.init_state(stage, params=run.stage_start_params(stage, previous))
         before = {k: np.array(v) for k, v in flat_params(state.params).items()}
         for batch in case_batches(run, case, stage):
             state, metrics = run.train_step(state, batch, stage=stage)
@@ -105,4 +108,5 @@ def test_recipe_runs_every_stage(name, teachers):
             for k in changed:
                 other = [i for i in range(before[k].shape[0]) if i != layer]
                 np.testing.assert_array_equal(before[k][other], np.asarray(after[k])[other])
-        params = state.params
+        run.end_stage(stage, state)  # a chain model trained here becomes a teacher of later stages
+        previous = state
