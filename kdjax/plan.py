@@ -356,8 +356,8 @@ def build_planned_step(config: Any, mesh, *, student_remat: Optional[str] = None
         chain = chain_configs(method, teachers, student.num_layers)
         trains = method.stages[stage].trains
         student = student if trains == "student" else chain[trains]
-        names = stage_lib.chain_teachers(method, stage, list(teachers))
-        weights = {**weights, **{m.name: m.weight for m in method.models if m.name in names}}
+        names = stage_lib.stage_teachers(method.stages[stage], stage_lib.chain_teachers(method, stage, list(teachers)))
+        weights = {n: w for n, w in {**weights, **{m.name: m.weight for m in method.models}}.items() if n in names}
         teachers = {n: teachers[n] if n in teachers else chain[n] for n in names}
     data = _get(_get(config, "data"), "train")
     batch_shape = (int(_get(data, "batch_size", 8)), int(_get(data, "max_length", 128)))

@@ -23,7 +23,7 @@ SLOW_MODULES = {
     "test_engine_golden", "test_engine_v2", "test_families", "test_generate", "test_cache", "test_roofline",
     "test_scale_moe", "test_activation_sharding", "test_gkd_rail_kd", "test_gkd_annealing_kd",
     "test_gkd_continuation_kd", "test_gkd_alp_kd", "test_gkd_sid", "test_gkd_uncertainty", "test_gkd_mt_bert",
-    "test_gkd_theseus", "test_gkd_lrc_bert",
+    "test_gkd_theseus", "test_gkd_lrc_bert", "test_gkd_takd", "test_gkd_dgkd", "test_gkd_rl_kd",
 }
 SLOW_TESTS = {
     "test_distill.py": {"test_step_trains_student_not_teacher_and_compiles_once", "test_grad_accumulation_matches_full_batch",
