@@ -5,7 +5,7 @@
 
 1. fine-tunes the real teacher (all-MiniLM-L6-v2 + classification head) on `kdjax_reviews`, as
    benchmarks/task_distillation.py does, and a second, 4-layer teacher (four layers of the same
-   pretrained model, uniform selection) for the multi-teacher recipes (`large` = the 6-layer one, `small` = the 4-layer one);
+   pretrained model, uniform selection) for the multi-teacher recipes (`large`: 6 layers, `small`: 4);
 2. distills the same 3-layer student (teacher layers 1, 3, 5) with every registered recipe that runs on
    a classification task, `--steps` steps per stage, for each seed in `--seeds`; each recipe runs in its
    own process, so its peak memory is its own (peak resident set size: on CPU that is the device memory);
@@ -14,8 +14,9 @@
    agreement with the 6-layer teacher, seconds per step, peak memory), means over seeds.
 
 Recipes that need a language-model teacher (masked or causal LM) are listed as skipped. Every run
-resumes when interrupted (rerun the same command). Budget: with the defaults (100 steps per stage, one
-seed) the whole table takes well under 90 minutes on 2 CPU cores; `--steps`, `--seeds`, `--methods` and
+resumes when interrupted (rerun the same command). Budget: the defaults (100 steps per stage, one seed,
+300 teacher steps) are sized to finish within 90 minutes on 2 CPU cores (an estimate from the step
+times of benchmarks/task_distillation.py, not yet a measurement); `--steps`, `--seeds`, `--methods` and
 `--teacher_steps` scale it.
 """
 

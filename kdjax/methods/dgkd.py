@@ -68,7 +68,7 @@ def _names(count: int) -> list[str]:
     return ["assistant"] if count == 1 else [f"assistant{i + 1}" for i in range(count)]
 
 
-@register("dgkd", "DGKD: teacher + assistant(s) guide the student, each dropped w.p. 1−p per step; 0.5·CE_T + 0.5·CE")
+@register("dgkd", "DGKD: teacher + assistant(s) guide the student, each dropped w.p. 1−p a step; 0.5·CE_T + 0.5·CE")
 def dgkd(*, survival_p: float = 0.75, temperature=10.0, soft_weight=0.5, hard_weight=0.5, assistants: int = 1,
          assistant_layers: Union[None, int, Sequence[int]] = None, assistant_init: Union[str, tuple] = "uniform",
          assistant_shape: Optional[Mapping[str, int]] = None, assistant_temperature=10.0,
@@ -96,8 +96,9 @@ def dgkd(*, survival_p: float = 0.75, temperature=10.0, soft_weight=0.5, hard_we
     if not isinstance(assistants, int) or isinstance(assistants, bool) or assistants < 0:
         raise MethodError(f"{what}: assistants must be an int >= 0, got {assistants!r}")
     temperature = check_temperature(temperature, f"{what}: temperature")
-    terms = keep_nonzero(Term.make("soft_cross_entropy", "logits", weight=check_weight(soft_weight, f"{what}: soft_weight"),
-                                   name="soft", temperature=temperature),
+    soft_weight = check_weight(soft_weight, f"{what}: soft_weight")
+    terms = keep_nonzero(Term.make("soft_cross_entropy", "logits", weight=soft_weight, name="soft",
+                                   temperature=temperature),
                          hard_label_term(check_weight(hard_weight, f"{what}: hard_weight")), what=what)
     names = _names(assistants)
     layers = list(assistant_layers) if isinstance(assistant_layers, (list, tuple)) else [assistant_layers] * assistants

@@ -67,8 +67,9 @@ def takd(*, temperature=10.0, soft_weight=1.0, hard_weight=1.0, kind: str = "for
     """
     what = "takd"
     temperature = check_temperature(temperature, f"{what}: temperature")
-    terms = kd_terms(check_weight(soft_weight, f"{what}: soft_weight"), check_weight(hard_weight, f"{what}: hard_weight"),
-                     temperature, check_kind(kind, f"{what}: kind"), what)
+    terms = kd_terms(check_weight(soft_weight, f"{what}: soft_weight"),
+                     check_weight(hard_weight, f"{what}: hard_weight"), temperature, check_kind(kind, f"{what}: kind"),
+                     what)
     assistant = assistant_model(what, assistant_layers, assistant_init, assistant_shape)
     stages = (Stage("assistant", terms, trains=ASSISTANT), Stage("student", terms, teacher=ASSISTANT))
     return Method("takd", stage_overrides(stages, what, steps, learning_rates),
