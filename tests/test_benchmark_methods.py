@@ -58,3 +58,10 @@ def test_aggregate_render_and_splice():
     twice = bench.splice(once, "new table")
     assert twice.count(bench.START) == 1 and "new table" in twice and table not in twice
     assert twice.startswith("# Title\n\nintro\n")
+
+
+def test_seconds_per_step_leaves_out_each_stages_first_window():
+    history = [{"stage": 0, "steps_per_sec": 0.1}, {"stage": 0, "steps_per_sec": 2.0}, {"stage": 1, "steps_per_sec": 0.2},
+               {"stage": 1, "steps_per_sec": 4.0}, {"stage": 1, "eval/loss": 1.0}]
+    assert bench.seconds_per_step({"history": history, "steps": 4}, 99.0) == (0.5 + 0.25) / 2
+    assert bench.seconds_per_step({"history": history[:1], "steps": 4, "train_seconds": 8.0}, 99.0) == 2.0
