@@ -61,6 +61,7 @@ from kdjax import roofline as roofline_lib
 from kdjax import config as config_lib
 from kdjax import sharding as sharding_lib
 from kdjax.distill import run as run_lib
+from kdjax.distill import stage as stage_lib
 from kdjax.distill.sharded import ShardedStep, sharded_step
 from kdjax.methods.base import build_method
 from kdjax.models.config import ConfigError, ModelConfig, preset
@@ -310,8 +311,22 @@ def models_from_config(config: Any, method=None, *, teacher_configs: Optional[Ma
             method = build_method(config_lib.get(config, "method"), config_lib.method_args(config))
         init, kw = run_lib.student_kwargs(config, method)
         kw.setdefault("num_layers", len(init) if not isinstance(init, str) else next(iter(teachers.values())).num_layers)
-        student = student_config(next(iter(teachers.values())), **kw)
+        source = next(iter(teachers.values()))
+        if method.student_from:  # a chain: the student is derived from a teacher or a model trained before it
+            source = {**teachers, **chain_configs(method, teachers, kw["num_layers"])}[method.student_from]
+        student = student_config(source, **kw)
     return student, teachers, weights
+
+
+def chain_configs(method, teachers: Mapping[str, ModelConfig], student_layers: int) -> dict[str, ModelConfig]:
+    """`{name: ModelConfig}` of the method's chain models (`Method.models`), derived as a run derives them."""
+    stage_lib.validate_chain(method, list(teachers))
+    first = {m.name: min(i for i, s in enumerate(method.stages) if s.trains == m.name) for m in method.models}
+    out: dict[str, ModelConfig] = {}
+    for m in sorted(method.models, key=lambda m: first[m.name]):
+        source = {**teachers, **out}[m.derive_from] if m.derive_from else next(iter(teachers.values()))
+        out[m.name] = stage_lib.chain_model_config(m, source, student_layers)
+    return out
 
 
 def _rules(base: Sequence, overrides: Any) -> dict:
@@ -349,6 +364,14 @@ def build_planned_step(config: Any, mesh, *, student_remat: Optional[str] = None
         student, teachers, weights = models_from_config(config, method)
     if student_remat is not None:
         student = student.replace(remat_policy=student_remat)
+    stage = _stage_index(config, method)
+    if method.models:  # a chain: stage `stage` may train a chain model, and distill from those trained before it
+        chain = chain_configs(method, teachers, student.num_layers)
+        trains = method.stages[stage].trains
+        student = student if trains == "student" else chain[trains]
+        names = stage_lib.stage_teachers(method.stages[stage], stage_lib.chain_teachers(method, stage, list(teachers)))
+        weights = {n: w for n, w in {**weights, **{m.name: m.weight for m in method.models}}.items() if n in names}
+        teachers = {n: teachers[n] if n in teachers else chain[n] for n in names}
     data = _get(_get(config, "data"), "train")
     batch_shape = (int(_get(data, "batch_size", 8)), int(_get(data, "max_length", 128)))
     train = _get(config, "train")

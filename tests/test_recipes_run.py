@@ -45,6 +45,9 @@ CASES = {
     "universal_kd": dict(method_args={"size": 8}),
     "mgskd": dict(method_args={"relation_heads": 4, "k1": 4, "k2": 4}),
     "diito": dict(teacher="mlm", task="kdjax_corpus", mlm=True),
+    "takd": dict(),
+    "dgkd": dict(),
+    "rl_kd": dict(method_args={"average_stage": True}),
 }
 
 
@@ -94,9 +97,9 @@ def case_batches(run, case, stage, steps=2):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_recipe_runs_every_stage(name, teachers):
     run, case = case_run(name, teachers)
-    params = None
+    previous = None
     for stage in range(run.num_stages):
-        state = run.init_state(stage, params=params)
+        state = run.init_state(stage, params=run.stage_start_params(stage, previous))
         before = {k: np.array(v) for k, v in flat_params(state.params).items()}
         for batch in case_batches(run, case, stage):
             state, metrics = run.train_step(state, batch, stage=stage)
@@ -113,4 +116,5 @@ def test_recipe_runs_every_stage(name, teachers):
             for k in changed:
                 other = [i for i in range(before[k].shape[0]) if i != layer]
                 np.testing.assert_array_equal(before[k][other], np.asarray(after[k])[other])
-        params = state.params
+        run.end_stage(stage, state)  # a chain model trained here becomes a teacher of later stages
+        previous = state

@@ -338,18 +338,29 @@ class Distillation:
         if self.stage_caches:
             _check_cache_run(config)
         first_teacher = next(iter(self.teachers.values()))[0]
+        stage_lib.validate_chain(self.method, list(self.teachers))
+        # Chain models (e.g. a teacher assistant): derived now for their shapes; re-derived from their
+        # source's trained parameters when their first stage starts; a teacher of later stages once trained.
+        self.chain: dict[str, Model] = {}
+        self.trained: dict[str, Any] = {}
+        for spec in self._chain_specs():
+            self.chain[spec.name] = self._derive(spec.name)
         self.compression = None
         rate = float(_cfg_get(_cfg_get(config, "vocab_compression"), "rate", 0.0) or 0.0)
         if rate:
             self.compression = build_vocab_compression(config, first_teacher, rate)
         if student is None:
-            if first_teacher.params is None and not _as_dict(_cfg_get(config, "student")).get("path") and \
+            if self.method.student_from:
+                source = self._model(self.method.student_from)
+            elif first_teacher.params is None and not _as_dict(_cfg_get(config, "student")).get("path") and \
                     student_kwargs(config, self.method)[0] != "random":
                 # A student that copies teacher layers reads them from the checkpoint once, here.
-                first_teacher = next(iter(self.stage_caches.values())).init_teacher(
+                source = next(iter(self.stage_caches.values())).init_teacher(
                     **teacher_load_kwargs(next(iter(teacher_specs(config).values()))))
-            student = build_student(config, first_teacher, self.method, compression=self.compression)
-            del first_teacher
+            else:
+                source = first_teacher
+            student = build_student(config, source, self.method, compression=self.compression)
+            del source
         self.student = student
         self.student_rules: Optional[dict] = None
         self.teacher_rules: dict[str, dict] = {}
@@ -363,10 +374,10 @@ class Distillation:
         if self.compression is None:
             self.vocab_map = self._align_vocabularies()
         for i, stage in enumerate(self.method.stages):
-            for t_name, (teacher, _) in self._stage_teachers(stage).items():
+            for t_name, (teacher, _) in self._stage_teachers(i).items():
                 if i in self.stage_caches:  # before any compile: terms a cached top-k cannot serve
                     stage_lib.check_cached_stage(self.method, stage, teacher.graphdef)
-                terms_lib.validate_terms(stage.terms, self._student_config_for(stage), teacher.config,
+                terms_lib.validate_terms(stage.terms, self._student_config_for(i), teacher.config,
                                                                   vocab_map=self.vocab_map is not None)
 
     def _align_vocabularies(self):
@@ -425,31 +436,146 @@ class Distillation:
     def num_stages(self) -> int:
         return len(self.method.stages)
 
-    def _stage_teachers(self, stage: Stage) -> dict[str, tuple[Model, float]]:
-        index = next(i for i, s in enumerate(self.method.stages) if s is stage)
+    def _stage_teachers(self, index: int) -> dict[str, tuple[Model, float]]:
+        """The teachers of stage `index`: config teachers (cached top-k in their place for a cache-backed
+        stage; the graphdef then says where in the batch) and the chain models trained before it."""
+        stage = self.method.stages[index]
         teachers = self.teachers
-        if index in self.stage_caches:  # cached top-k in place of the teachers (graphdef: where in the batch)
+        if index in self.stage_caches:
             teachers = self.stage_caches[index].teachers({n: w for n, (_, w) in self.teachers.items()})
-        return {name: teachers[name] for name in stage_lib.stage_teachers(stage, list(teachers))}
+        names = stage_lib.chain_teachers(self.method, index, list(teachers))
+        weights = {m.name: m.weight for m in self.method.models}
+        return {name: teachers[name] if name in teachers else (self.chain[name], weights[name])
+                for name in stage_lib.stage_teachers(stage, names)}
 
-    def _student_config_for(self, stage: Stage):
-        return stage_lib.stage_student_config(stage, self.student.config)
+    def _student_config_for(self, index: int):
+        return stage_lib.stage_student_config(self.method.stages[index], self.trainee(index).config)
+
+    # ----------------------------------------------------------------------------------------------
+    # Chains: models trained by one stage and distilled from by later ones (docs/architecture.md).
+    def _chain_specs(self) -> list:
+        """`Method.models` in the order their first stages run."""
+        first = {m.name: min(i for i, s in enumerate(self.method.stages) if s.trains == m.name)
+                 for m in self.method.models}
+        return sorted(self.method.models, key=lambda m: first[m.name])
+
+    def _model(self, name: str) -> Model:
+        """A config teacher, or a chain model with its trained parameters once it has them."""
+        if name in self.teachers:
+            return self.teachers[name][0]
+        model = self.chain[name]
+        if name in self.trained:
+            model = Model(model.config, model.graphdef, self.trained[name], model.tokenizer, source=model.source,
+                          id2label=model.id2label)
+        return model
+
+    def _derive(self, name: str) -> Model:
+        """Chain model `name` (or the student) derived from its source's current parameters."""
+        first_teacher = next(iter(self.teachers.values()))[0]
+        if name == "student":
+            source = self._model(self.method.student_from) if self.method.student_from else first_teacher
+            return build_student(self.config, source, self.method, compression=self.compression)
+        spec = {m.name: m for m in self.method.models}[name]
+        source = self._model(spec.derive_from) if spec.derive_from else first_teacher
+        layers = stage_lib.chain_layers(spec, source.config.num_layers, self._student_layers())
+        return student_from(source, num_layers=layers, init=spec.init, seed=spec.seed, **dict(spec.shape))
+
+    def _student_layers(self) -> int:
+        """The student's depth as the config asks for it (chain models default to halfway to it)."""
+        init, kw = student_kwargs(self.config, self.method)
+        return int(kw.get("num_layers") or (len(init) if not isinstance(init, str) else get(self.config,
+                                                                                                 "student.num_layers")))
+
+    def trainee(self, index: int) -> Model:
+        """The model stage `index` trains (before its stage head): the student or a chain model."""
+        name = self.method.stages[index].trains
+        return self.student if name == "student" else self.chain[name]
+
+    def stage_start_params(self, index: int, previous: Optional[step_lib.TrainState] = None):
+        """The parameters stage `index` starts from (None: the trainee's own initial ones).
+
+        The previous stage's when it trained the same model; else the model derived afresh from its
+        source when that source is a chain model (which has been trained by now)."""
+        name = self.method.stages[index].trains
+        if previous is not None and index > 0 and self.method.stages[index - 1].trains == name:
+            return previous.params
+        source = self.method.student_from if name == "student" else {
+            m.name: m for m in self.method.models}[name].derive_from
+        if source is not None and source in self.chain:
+            return self._derive(name).params
+        return None
+
+    def end_stage(self, index: int, state: step_lib.TrainState, workdir: Optional[str] = None) -> None:
+        """After the last stage that trains a chain model: its parameters become a teacher of later stages,
+        and are saved (Hugging Face layout) to `<workdir>/models/<name>` for a resumed run."""
+        name = self.method.stages[index].trains
+        if name == "student" or any(s.trains == name for s in self.method.stages[index + 1:]):
+            return
+        model = self.student_model(state, index)
+        self.trained[name] = model.params
+        if workdir is not None and jax.process_index() == 0:
+            from kdjax import fileio
+            from kdjax.hub.api import save_pretrained
+            directory = fileio.join(workdir, "models", name)
+            with fileio.local_staging(directory) as local:
+                save_pretrained(model, local)
+
+    def set_trained(self, name: str, params) -> None:
+        """Hand chain model `name` its trained parameters (what `fit` does after its last stage)."""
+        if name not in self.chain:
+            raise ValueError(f"{name!r} is not a chain model of {self.method.name!r}; chain models: "
+                             f"{', '.join(self.chain) or 'none'}")
+        self.trained[name] = params
+
+    def restore_models(self, workdir: str, stage: int) -> None:
+        """On resume at `stage`: load the chain models trained by earlier stages from `<workdir>/models`."""
+        from kdjax import fileio
+        for spec in self.method.models:
+            last = max(i for i, s in enumerate(self.method.stages) if s.trains == spec.name)
+            if last >= stage or spec.name in self.trained:
+                continue
+            directory = fileio.join(workdir, "models", spec.name)
+            if not fileio.exists(fileio.join(directory, "config.json")):
+                raise ConfigError(f"resuming at stage {stage} needs {spec.name!r}, trained by stage {last}, but "
+                                  f"{directory} is missing; start the run again in a fresh workdir")
+            template = self.chain[spec.name]
+            loaded = load_pretrained(resolve_model_path(directory), dtype=template.config.dtype,
+                                     param_dtype=template.config.param_dtype)
+            self.trained[spec.name] = params_from_flat(template.params, flat_params(loaded.params),
+                                                       template.config.params_dtype)
 
     def stage_steps(self, index: int) -> int:
         return stage_steps(self.config, self.method.stages[index])
 
     def teacher_params(self, index: int = 0) -> dict:
-        return {name: model.params for name, (model, _) in self._stage_teachers(self.method.stages[index]).items()}
+        out = {}
+        for name in self._stage_teachers(index):
+            if name in self.chain and name not in self.trained:
+                raise ValueError(f"stage {index} distills from {name!r}, which an earlier stage trains; run the "
+                                 f"chain with fit(), or hand it parameters with run.set_trained({name!r}, params)")
+            params = self._model(name).params
+            if self.sharded and name in self.chain:
+                params = jax.device_put(params, self._chain_shardings(name))
+            out[name] = params
+        return out
+
+    def _chain_shardings(self, name: str):
+        if name not in self._teacher_shardings:
+            from kdjax import sharding as sharding_lib
+            rules = sharding_lib.validate_rules(model_rules(self.config, "teacher", name), self.mesh)
+            self.teacher_rules[name] = rules
+            self._teacher_shardings[name] = sharding_lib.param_shardings(self.chain[name].params, self.mesh, rules)
+        return self._teacher_shardings[name]
 
     def runner(self, index: int = 0) -> StageRunner:
         if index in self._runners:
             return self._runners[index]
         stage = self.method.stages[index]
-        student = self.student
+        student = self.trainee(index)
         if stage.student_head:
             student = with_head(student, stage.student_head)
         teachers = {name: stage_lib.TeacherEntry(model.graphdef, model.config, weight)
-                    for name, (model, weight) in self._stage_teachers(stage).items()}
+                    for name, (model, weight) in self._stage_teachers(index).items()}
         program = stage_lib.assemble_stage(
             self.method, index, student_graphdef=student.graphdef, student_config=student.config,
             student_params=student.params, teachers=teachers, steps=self.stage_steps(index),
@@ -464,7 +590,8 @@ class Distillation:
                                                     program.abstract_modules(), self.mesh)
             constrained = sharding_lib.with_activation_constraints(program.step_fn, self.mesh, self.student_rules)
             jitted = _MeshStep(constrained, state_shardings,
-                               {t.name: self._teacher_shardings[t.name] for t in program.teachers},
+                               {t.name: self._teacher_shardings[t.name] if t.name in self.teachers
+                                else self._chain_shardings(t.name) for t in program.teachers},
                                sharding_lib.batch_sharding(self.mesh, self.student_rules), self.mesh)
         else:
             jitted = jax.jit(program.step_fn, donate_argnums=0)

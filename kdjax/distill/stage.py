@@ -116,6 +116,74 @@ def check_cached_stage(method: Method, stage: Stage, ref: "sparse_lib.CachedTeac
         raise MethodError(f"stage {stage.name!r} of {method.name!r}: {e}") from None
 
 
+def chain_teachers(method: Method, index: int, names: Sequence[str]) -> list[str]:
+    """The teachers stage `index` may use: the config's `names`, then the chain models (`Method.models`)
+    whose training stages all come before it (a model becomes a teacher once it is trained)."""
+    out = list(names)
+    for model in method.models:
+        trained_by = [i for i, s in enumerate(method.stages) if s.trains == model.name]
+        if trained_by and max(trained_by) < index and model.name not in out:
+            out.append(model.name)
+    return out
+
+
+def validate_chain(method: Method, names: Sequence[str]) -> None:
+    """One line for a chain that cannot run: an unknown trained model, a name clash, a teacher used
+    before it is trained, a chain model derived from one that is not there yet."""
+    models = {m.name: m for m in method.models}
+    clash = sorted(set(models) & set(names))
+    if clash:
+        raise ConfigError(f"method {method.name!r} trains {clash[0]!r}, which is also a config teacher; rename the "
+                          "teacher in config.teachers")
+    order = [s.trains for s in method.stages]
+    for name in set(order):
+        runs = [i for i, t in enumerate(order) if t == name]
+        if runs != list(range(runs[0], runs[-1] + 1)):
+            raise MethodError(f"method {method.name!r}: the stages that train {name!r} must be consecutive, got "
+                              f"stages {runs}")
+    for i, stage in enumerate(method.stages):
+        if stage.trains != "student" and stage.trains not in models:
+            raise MethodError(f"stage {stage.name!r} trains {stage.trains!r}, which is not in the method's models "
+                              f"({', '.join(models) or 'none'}); add ChainModel.make({stage.trains!r}, ...)")
+        available = chain_teachers(method, i, names)
+        if stage.teacher in models and stage.teacher not in available:
+            raise MethodError(f"stage {stage.name!r} distills from {stage.teacher!r} before the stages that train it "
+                              "have run; put those stages first")
+        if stage.trains != "student" and stage.student_head:
+            raise MethodError(f"stage {stage.name!r} trains {stage.trains!r} and switches its head; chain models "
+                              "keep the head of the model they are derived from")
+    for m in method.models:
+        first = [i for i, s in enumerate(method.stages) if s.trains == m.name]
+        if not first:
+            raise MethodError(f"method {method.name!r} declares model {m.name!r} but no stage trains it")
+        source = m.derive_from
+        if source is not None and source not in chain_teachers(method, first[0], names):
+            raise MethodError(f"model {m.name!r} is derived from {source!r}, which is neither a config teacher "
+                              f"({', '.join(names)}) nor a model trained before stage {method.stages[first[0]].name!r}")
+    if method.student_from is not None:
+        first = [i for i, s in enumerate(method.stages) if s.trains == "student"]
+        if first and method.student_from not in chain_teachers(method, first[0], names):
+            raise MethodError(f"the student is derived from {method.student_from!r}, which is neither a config "
+                              f"teacher ({', '.join(names)}) nor a model trained before the student's first stage")
+
+
+def chain_layers(model, source_layers: int, student_layers: int) -> int:
+    """A chain model's depth: `num_layers`, the length of an explicit layer list, or else halfway
+    (rounded up) between its source and the student -- a teacher assistant's size by default."""
+    if model.num_layers:
+        return int(model.num_layers)
+    if not isinstance(model.init, str):
+        return len(model.init)
+    return max(1, -(-(int(source_layers) + int(student_layers)) // 2))
+
+
+def chain_model_config(model, source: ModelConfig, student_layers: int) -> ModelConfig:
+    """The `ModelConfig` of a `ChainModel` derived from a model of config `source` (no weights)."""
+    from kdjax.students import student_config
+    return student_config(source, num_layers=chain_layers(model, source.num_layers, student_layers),
+                          **dict(model.shape))
+
+
 def stage_student_config(stage: Stage, student: ModelConfig) -> ModelConfig:
     """The student's config in a stage (a stage may switch the head, e.g. to classification)."""
     if stage.student_head and stage.student_head != student.head:

@@ -478,6 +478,8 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
     metrics_hook = MetricsHook(int(get("train.log_every")), ckpt_every, None)
     hooks: list[Hook] = [metrics_hook]
     start_stage, start_step, state, iterator_state = _restore(loop, hooks)
+    if state is not None and hasattr(run, "restore_models"):  # a chain's models trained before this stage
+        run.restore_models(workdir, start_stage)
     metrics_log = metrics_hook.log = MetricsLog(workdir, resume_from_global_step=loop.ckpt.latest() or 0)
     hooks += [EvalHook(int(get("train.eval_every")), seed, metrics_log), ProgressHook(
         progress if progress is not None else jax.process_index() == 0)]
@@ -515,6 +517,8 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
                     break
                 for h in hooks:
                     h.on_stage_end(loop)
+                if hasattr(run, "end_stage"):  # a chain model's last stage: it becomes a teacher of later ones
+                    run.end_stage(stage_index, loop.state, workdir)
     finally:
         for h in reversed(hooks):
             with contextlib.suppress(Exception):
@@ -531,7 +535,10 @@ def _enter_stage(loop: Loop, stage_index: int, resume, *, seed: int):
     run = loop.run
     runner = run.runner(stage_index)
     if resume is None:
-        params = None if loop.state is None else loop.state.params  # the previous stage's student
+        if hasattr(run, "stage_start_params"):  # the previous stage's model, or one derived from a chain model
+            params = run.stage_start_params(stage_index, loop.state)
+        else:
+            params = None if loop.state is None else loop.state.params  # the previous stage's student
         loop.state, loop.step_in_stage, iterator_state = run.init_state(stage_index, params=params), 0, None
     else:
         loop.step_in_stage, loop.state, iterator_state = resume

@@ -115,6 +115,36 @@ class Stage:
     modules: tuple = ()
     loss: Optional[Callable[..., Any]] = None
     data_hook: Any = None
+    trains: str = "student"  # the model this stage trains: the student, or a `Method.models` entry by name
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainModel:
+    """A model a method trains besides the student (a teacher assistant), then distills from.
+
+    Stages with `trains=name` train it; from the end of the last such stage on, its parameters are a
+    frozen teacher called `name` of every later stage. It is derived like a student
+    (`kdjax.students.student_from`) from `derive_from` -- a config teacher or an earlier chain model;
+    None: the first teacher -- when its first stage starts. `shape` holds further `student_from` fields
+    (hidden_size, num_heads, intermediate_size, ...). `weight` is its ensemble weight as a teacher.
+    """
+
+    name: str
+    num_layers: Optional[int] = None
+    init: Union[str, tuple] = "uniform"
+    derive_from: Optional[str] = None
+    shape: tuple = ()
+    weight: float = 1.0
+    seed: int = 0
+
+    @staticmethod
+    def make(name: str, *, num_layers: Optional[int] = None, init: Union[str, Sequence[int]] = "uniform",
+             derive_from: Optional[str] = None, weight: float = 1.0, seed: int = 0, **shape: Any) -> "ChainModel":
+        if name == "student":
+            raise MethodError("a chain model cannot be called 'student' (that is the run's student)")
+        return ChainModel(name=name, num_layers=None if num_layers is None else int(num_layers),
+                          init=init if isinstance(init, str) else tuple(int(i) for i in init),
+                          derive_from=derive_from, shape=_freeze(shape), weight=float(weight), seed=int(seed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +153,8 @@ class Method:
     stages: tuple[Stage, ...]
     description: str = ""
     student_init: Union[str, tuple] = "uniform"
+    models: tuple = ()  # `ChainModel`s trained by stages with `trains=<name>` (e.g. a teacher assistant)
+    student_from: Optional[str] = None  # derive the student from this teacher or chain model (None: first teacher)
 
     def stage(self, index: int) -> Stage:
         return self.stages[index]
@@ -194,7 +226,8 @@ def combine(parts: Sequence[tuple[Method, float]], name: Optional[str] = None) -
         stages.append(dataclasses.replace(base, terms=tuple(terms)))
     return Method(name=name or "+".join(m.name for m, _ in parts), stages=tuple(stages),
                                 description="mix of " + ", ".join(f"{w}×{m.name}" for m, w in parts),
-                                student_init=parts[0][0].student_init)
+                                student_init=parts[0][0].student_init, models=parts[0][0].models,
+                                student_from=parts[0][0].student_from)
 
 
 def build_method(spec: Any, args: Optional[Mapping[str, Any]] = None) -> Method:

@@ -1,0 +1,214 @@
+"""Every registered recipe on the same work: one table of accuracy, agreement, speed and memory.
+
+        python benchmarks/methods.py --workdir=workdir/methods [--steps=100] [--seeds=0] [--methods=kd,takd]
+        python benchmarks/methods.py --workdir=workdir/methods --readme=README.md   # also render into README
+
+1. fine-tunes the real teacher (all-MiniLM-L6-v2 + classification head) on `kdjax_reviews`, as
+   benchmarks/task_distillation.py does, and a second, 4-layer teacher (four layers of the same
+   pretrained model, uniform selection) for the multi-teacher recipes (`large`: 6 layers, `small`: 4);
+2. distills the same 3-layer student (teacher layers 1, 3, 5) with every registered recipe that runs on
+   a classification task, `--steps` steps per stage, for each seed in `--seeds`; each recipe runs in its
+   own process, so its peak memory is its own (peak resident set size: on CPU that is the device memory);
+3. trains the labels-only student (`supervised`, same init and steps) as the baseline;
+4. writes `<workdir>/methods.json` and prints a markdown table (method, stages, test accuracy, top-1
+   agreement with the 6-layer teacher, seconds per step, peak memory), means over seeds.
+
+Recipes that need a language-model teacher (masked or causal LM) are listed as skipped. Every run
+resumes when interrupted (rerun the same command). Budget: the defaults (100 steps per stage, one seed,
+300 teacher steps) are sized to finish within 90 minutes on 2 CPU cores (an estimate from the step
+times of benchmarks/task_distillation.py, not yet a measurement); `--steps`, `--seeds`, `--methods` and
+`--teacher_steps` scale it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/methods", "Root directory of the teachers and every run.")
+_STEPS = flags.DEFINE_integer("steps", 100, "Training steps of each stage of each recipe (and of the baseline).")
+_TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 300, "Fine-tuning steps of each teacher.")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Training seeds; the table reports means over them.")
+_METHODS = flags.DEFINE_list("methods", [], "Recipes to run (default: every registered recipe).")
+_README = flags.DEFINE_string("readme", "", "Render the table into this file between the benchmark markers.")
+_ONE = flags.DEFINE_string("one", "", "Internal: run one recipe (name:seed) and write its result JSON.")
+_MAX_LENGTH = flags.DEFINE_integer("max_length", 64, "Sequence length of every run.")
+
+BASELINE = "supervised"
+#: Recipes that distill from several teachers (they get `large` and `small`).
+MULTI_TEACHER = ("uncertainty", "tmkd", "mt_bert", "rl_kd")
+#: Recipes that need a masked or causal language-model teacher (not the classifier).
+NEEDS_LM = ("distilbert", "glmd", "minillm", "distillm", "gkd")
+#: Arguments some recipes need on this task.
+METHOD_ARGS = {"kd": {"alpha": 0.5, "temperature": 4.0}, "tinybert": {"general": False},
+               "uncertainty": {"teacher_order": ("small", "large")}, "mobilebert": {"num_layers": 3}}
+START, END = "<!-- methods-benchmark:start -->", "<!-- methods-benchmark:end -->"
+
+
+def methods_to_run(requested=()) -> list[str]:
+    from kdjax.methods import known_methods
+    names = list(requested) or sorted(known_methods(shipped_only=True))
+    return [BASELINE] + [n for n in names if n != BASELINE]
+
+
+def teacher_config(steps: int, layers: int, max_length: int):
+    from configs import finetune_teacher
+    c = finetune_teacher.get_config(f"steps={steps},max_length={max_length}")
+    if layers != 6:
+        c.student.num_layers = layers
+        c.student.init = "uniform"
+    return c
+
+
+def method_config(method: str, teachers: dict, *, steps: int, seed: int, max_length: int):
+    """The run config of one recipe: `teachers` = {"large": dir, "small": dir} of the fine-tuned teachers."""
+    from configs import task_distill
+    c = task_distill.get_config(f"method={method},teacher={teachers['large']},steps={steps},max_length={max_length}")
+    c.method_args = {method: dict(METHOD_ARGS[method])} if method in METHOD_ARGS else {}
+    if method in MULTI_TEACHER:
+        c.teachers = {"large": {"path": teachers["large"]}, "small": {"path": teachers["small"]}}
+    from kdjax.methods import build_method
+    if build_method(method, c.method_args).student_from:  # a chain: the student's layers come from the assistant
+        c.student.layers = None
+        c.student.init = "uniform"
+    c.train.seed = seed
+    c.train.eval_every = 0
+    return c
+
+
+def test_batches(model, max_length: int, batch_size: int = 64):
+    from kdjax.data import pipeline
+    return pipeline.make_task_loader("kdjax_reviews", "test", model.tokenizer, max_length=max_length,
+                                     batch_size=batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
+
+
+def run_one(method: str, seed: int, root: str, steps: int, max_length: int) -> dict:
+    """Train one recipe (resumable) and evaluate its student on the test split."""
+    import kdjax
+    from kdjax import evaluate
+    from kdjax.distill import Distillation
+    teachers = {"large": os.path.join(root, "teacher_large", "student"),
+                "small": os.path.join(root, "teacher_small", "student")}
+    workdir = os.path.join(root, "runs", f"{method}-seed{seed}")
+    run = Distillation(method_config(method, teachers, steps=steps, seed=seed, max_length=max_length))
+    started = time.perf_counter()
+    summary = run.fit(workdir, progress=False)
+    elapsed = time.perf_counter() - started
+    student = kdjax.load_pretrained(os.path.join(workdir, "student"))
+    teacher = kdjax.load_pretrained(teachers["large"])
+    metrics = evaluate.evaluate_classifier(student, test_batches(student, max_length), task="kdjax_reviews",
+                                           teacher=teacher)
+    return {"method": method, "seed": seed, "stages": [s.name for s in run.method.stages], "steps": summary["steps"],
+            "accuracy": metrics["accuracy"], "agreement": metrics.get("agreement/top1"),
+            "seconds_per_step": seconds_per_step(summary, elapsed),
+            "peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
+def seconds_per_step(summary: dict, elapsed: float) -> float:
+    """Seconds per training step without compilation: the logged windows after each stage's first
+    (which holds the compile); the whole run's mean when no such window exists."""
+    seen, rates = set(), []
+    for record in summary.get("history", []):
+        if "steps_per_sec" not in record:
+            continue
+        if record["stage"] in seen and record["steps_per_sec"] > 0:
+            rates.append(1.0 / record["steps_per_sec"])
+        seen.add(record["stage"])
+    return sum(rates) / len(rates) if rates else summary.get("train_seconds", elapsed) / max(summary["steps"], 1)
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """One row per method: means over seeds (errors and skips kept as notes)."""
+    rows = {}
+    for r in results:
+        rows.setdefault(r["method"], []).append(r)
+    out = []
+    for method, rs in rows.items():
+        ok = [r for r in rs if "accuracy" in r]
+        row = {"method": method + (" (baseline)" if method == BASELINE else ""),
+               "stages": " → ".join(rs[0].get("stages") or []) or "-", "seeds": len(ok)}
+        for key, label in (("accuracy", "test accuracy"), ("agreement", "top-1 agreement"),
+                           ("seconds_per_step", "s/step"), ("peak_memory_mib", "peak memory (MiB)")):
+            values = [r[key] for r in ok if r.get(key) is not None]
+            row[label] = round(sum(values) / len(values), 4) if values else None
+        notes = sorted({r["note"] for r in rs if r.get("note")})
+        row["note"] = "; ".join(notes) if notes else ""
+        out.append(row)
+    return out
+
+
+def render(rows: list[dict], test_examples: int, command: str) -> str:
+    """The markdown table with how many test examples one point is and how it was produced."""
+    from kdjax import report
+    header = (f"Test split: {test_examples} examples, so one accuracy point is {test_examples / 100:g} "
+              f"examples. Produced by `{command}`.\n\n")
+    return header + report.format_table(rows)
+
+
+def splice(text: str, table: str) -> str:
+    """`text` with the part between the benchmark markers replaced by `table` (markers appended if absent)."""
+    block = f"{START}\n{table}\n{END}"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        return head + block + rest.split(END, 1)[1]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def main(argv):
+    del argv
+    root, steps, max_length = _WORKDIR.value, _STEPS.value, _MAX_LENGTH.value
+    if _ONE.value:
+        method, seed = _ONE.value.rsplit(":", 1)
+        result = run_one(method, int(seed), root, steps, max_length)
+        print("RESULT " + json.dumps(result))
+        return
+    import kdjax
+    from kdjax import evaluate, report
+    from kdjax.distill import Distillation
+    for name, layers in (("teacher_large", 6), ("teacher_small", 4)):
+        Distillation(teacher_config(_TEACHER_STEPS.value, layers, max_length)).fit(os.path.join(root, name),
+                                                                                   progress=True)
+    teacher = kdjax.load_pretrained(os.path.join(root, "teacher_large", "student"))
+    t_metrics = evaluate.evaluate_classifier(teacher, test_batches(teacher, max_length), task="kdjax_reviews")
+    examples = sum(int(len(b["labels"])) for b in test_batches(teacher, max_length))
+    results = []
+    for method in methods_to_run(_METHODS.value):
+        for seed in _SEEDS.value:
+            if method in NEEDS_LM:
+                results.append({"method": method, "seed": int(seed), "note": "skipped: needs a language-model teacher"})
+                continue
+            cmd = [sys.executable, os.path.abspath(__file__), f"--one={method}:{seed}", f"--workdir={root}",
+                   f"--steps={steps}", f"--max_length={max_length}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                error = (proc.stderr.strip().splitlines() or ["no output"])[-1][:160]
+                results.append({"method": method, "seed": int(seed), "note": f"failed: {error}"})
+            else:
+                results.append(json.loads(lines[-1][len("RESULT "):]))
+            print(json.dumps(results[-1]), flush=True)
+    rows = [{"method": "teacher (fine-tuned MiniLM-L6)", "stages": "-", "seeds": 1,
+             "test accuracy": round(t_metrics["accuracy"], 4), "top-1 agreement": 1.0}] + aggregate(results)
+    command = (f"python benchmarks/methods.py --steps={steps} --seeds={','.join(_SEEDS.value)} "
+               f"--teacher_steps={_TEACHER_STEPS.value}")
+    table = render(rows, examples, command)
+    report.write_json(os.path.join(root, "methods.json"), {"rows": rows, "runs": results, "test_examples": examples,
+                                                           "command": command})
+    print(table)
+    if _README.value:
+        with open(_README.value) as f:
+            text = f.read()
+        with open(_README.value, "w") as f:
+            f.write(splice(text, table))
+
+
+if __name__ == "__main__":
+    app.run(main)
