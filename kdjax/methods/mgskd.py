@@ -14,7 +14,9 @@ the L2 normalisation and SL1 the smooth-L1 (β = 1):
   triplet: on the teacher, A = softmax_j(P_T) over valid j; token importance Σ_r Σ_valid i A_{r,i,·};
   the top-k1 (20) tokens are anchors, each with its top-k2 (20) neighbours by Σ_r A_{r,a,·} (itself
   excluded); ψ = ⟨n(x_j − x_a), n(x_k − x_a)⟩ on full-width vectors at those (teacher-chosen) indices in
-  both models; triplet = Σ SL1(ψ_S, ψ_T) / #valid (a, j, k). TP = pair + triplet.
+  both models; triplet = Σ SL1(ψ_S, ψ_T) / #valid (a, j, k), where a triplet is valid when a, j, k are valid
+  and j, k ≠ a (when fewer than k2 valid neighbours exist, the padding slots count for nothing). TP = pair +
+  triplet.
 * **token_j** = TP(E_j^S, E_j^T, m).
 * **span_j** = TP on span states: the sequence is cut into n = ⌊0.4·N⌋ random contiguous spans, each
   mean-pooled (pads included) and valid when it holds a valid token. Lengths ⌊|ε_i|/Σ|ε|·(N − n)⌋ + 1,
@@ -99,7 +101,9 @@ def token_phrase(xs, xt, m, heads: int, k1: int, k2: int):
         return pair
     anchors, neighbours = triplet_indices(pt, m, k1, k2)
     ma = jnp.take_along_axis(m, anchors, axis=1)
-    mj = jax.vmap(lambda mb, idx: mb[idx])(m, neighbours)
+    # With fewer than k2 valid candidates, top_k fills the remaining slots from the tied excluded entries, which
+    # can be the anchor itself (lowest index wins a tie): such a slot is not a neighbour and must not count.
+    mj = jax.vmap(lambda mb, idx: mb[idx])(m, neighbours) * (neighbours != anchors[:, :, None])
     valid = ma[:, :, None, None] * mj[:, :, :, None] * mj[:, :, None, :]
     err = smooth_l1(triplet_angles(xs, anchors, neighbours), triplet_angles(xt, anchors, neighbours)) * valid
     return pair + jnp.sum(err) / jnp.maximum(valid.sum(), 1.0)
