@@ -45,8 +45,10 @@ _MAX_LENGTH = flags.DEFINE_integer("max_length", 64, "Sequence length of every r
 BASELINE = "supervised"
 #: Recipes that distill from several teachers (they get `large` and `small`).
 MULTI_TEACHER = ("uncertainty", "tmkd", "mt_bert", "rl_kd")
-#: Recipes that need a masked or causal language-model teacher (not the classifier).
-NEEDS_LM = ("distilbert", "glmd", "minillm", "distillm", "gkd")
+#: Recipes that need a masked or causal language-model teacher (not the classifier): logit KD over a
+#: vocabulary, generation (on-policy), an MLM interchange objective, or two tokenizers.
+NEEDS_LM = ("distilbert", "glmd", "minillm", "distillm", "gkd", "gkd_onpolicy", "minillm_pg", "distillm_adaptive",
+            "onpolicy_rkl", "diito", "uld", "xtok_align")
 #: Arguments some recipes need on this task.
 METHOD_ARGS = {"kd": {"alpha": 0.5, "temperature": 4.0}, "tinybert": {"general": False},
                "uncertainty": {"teacher_order": ("small", "large")}, "mobilebert": {"num_layers": 3}}
@@ -76,7 +78,7 @@ def method_config(method: str, teachers: dict, *, steps: int, seed: int, max_len
     if method in MULTI_TEACHER:
         c.teachers = {"large": {"path": teachers["large"]}, "small": {"path": teachers["small"]}}
     from kdjax.methods import build_method
-    if build_method(method, c.method_args).student_from:  # a chain: the student's layers come from the assistant
+    if method not in NEEDS_LM and build_method(method, c.method_args).student_from:  # a chain: the student's layers come from the assistant
         c.student.layers = None
         c.student.init = "uniform"
     c.train.seed = seed

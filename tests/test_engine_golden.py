@@ -4,7 +4,7 @@
 function) with `KDJAX_RECORD_GOLDEN=1 pytest tests/test_engine_golden.py`: for each recipe and stage,
 two steps on fixed batches of tiny models, the metrics of both steps and a fingerprint of every student
 parameter after them (sum, absolute sum and a dot product with a fixed random vector per leaf). The
-current engine must give the same numbers within 1e-6 relative (float32 summation order aside).
+current engine must give the same numbers within `TOLERANCE` (float32 summation order aside, see there).
 """
 
 import json
@@ -21,6 +21,13 @@ from test_recipes_run import CASES, case_batches, case_run, teachers  # noqa: F4
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "recipes.json"
 RECORD = os.environ.get("KDJAX_RECORD_GOLDEN") == "1"
+# float32 summation order moves values a little whenever the compiled program changes shape (a truncated
+# teacher pass, the layer loop split into segments, another fusion): the parameter fingerprints after
+# two Adam steps by up to 3e-6 relative, near-zero losses of students copied from their teacher (~1e-5)
+# by up to 3e-6 absolute, and parameters whose true gradient is zero (attention key biases, where Adam
+# normalizes pure rounding noise) by ~5e-6. A change of what a recipe computes moves them by orders of
+# magnitude more.
+TOLERANCE = 2e-5
 
 
 def fingerprint(params) -> dict:
@@ -59,7 +66,7 @@ def run_case(name, teachers) -> dict:
 
 
 def _close(a, b, where):
-    assert np.isclose(a, b, rtol=1e-6, atol=1e-6), f"{where}: {a} != golden {b}"
+    assert np.isclose(a, b, rtol=TOLERANCE, atol=TOLERANCE), f"{where}: {a} != golden {b}"
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

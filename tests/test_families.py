@@ -308,7 +308,7 @@ def test_qwen3_moe_dense_layers_parity_and_export(tmp_path, scan_layers):
     assert set(exported) == set(original)
     for name, tensor in exported.items():
         np.testing.assert_allclose(tensor.numpy(), original[name].numpy(), atol=1e-6, err_msg=name)
-    assert kdjax.load_pretrained(out_dir).config == model.config
+    assert kdjax.load_pretrained(out_dir, scan_layers=scan_layers).config == model.config
 
 
 def test_student_of_a_mixed_moe_teacher_keeps_each_copied_layers_kind():

@@ -55,10 +55,18 @@ TAP_ONLY_SOURCES = ("hidden_states", "embeddings", "cls", "attention_scores", "a
 def teacher_outputs_needed(terms: Sequence[Term], stage_loss: Optional[Callable] = None) -> bool:
     """Whether a teacher pass must compute its outputs (head, pooler, last hidden state) for a stage.
 
-    Not when every term reads taps only and the stage has no loss function of its own (which may read
-    anything): then the teacher runs only up to its last tapped layer.
+    Not when every term reads taps only (its source and every source its knowledge kind declares) and the
+    stage has no loss function of its own (which may read anything): then the teacher runs only up to its
+    last tapped layer.
     """
-    return stage_loss is not None or any(t.source not in TAP_ONLY_SOURCES for t in terms)
+    if stage_loss is not None:
+        return True
+    for t in terms:
+        kind = registry.KNOWLEDGE.get(t.fn)
+        sources = (t.source, *(kind.sources if kind is not None else ()))
+        if any(s not in TAP_ONLY_SOURCES for s in sources):
+            return True
+    return False
 
 
 def lm_head(graphdef, params) -> LinearHead:

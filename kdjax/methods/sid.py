@@ -40,7 +40,7 @@ def _all_taps(term, student, teacher):
     return dict(kinds), dict(kinds)
 
 
-@knowledge("sid", sources=("attention_scores",), taps=_all_taps, head_sensitive=True)
+@knowledge("sid", sources=("attention_scores", "cls", "logits"), taps=_all_taps, head_sensitive=True)
 def sid_loss(ctx, term):
     ls, lt = ctx.student.num_layers, ctx.teacher.num_layers
     if ctx.student.hidden_size != ctx.teacher.hidden_size:
