@@ -28,6 +28,9 @@ RECORD = os.environ.get("KDJAX_RECORD_GOLDEN") == "1"
 # normalizes pure rounding noise) by ~5e-6. A change of what a recipe computes moves them by orders of
 # magnitude more.
 TOLERANCE = 2e-5
+# Parameter fingerprints of recipes whose gradients are mostly rounding noise (GLMD's near-zero loss, key
+# biases) also differ between test processes by up to ~5e-5: they are compared at 1e-4.
+PARAM_TOLERANCE = 1e-4
 
 
 def fingerprint(params) -> dict:
@@ -65,8 +68,8 @@ def run_case(name, teachers) -> dict:
     return {"stages": stages}
 
 
-def _close(a, b, where):
-    assert np.isclose(a, b, rtol=TOLERANCE, atol=TOLERANCE), f"{where}: {a} != golden {b}"
+def _close(a, b, where, tolerance=TOLERANCE):
+    assert np.isclose(a, b, rtol=tolerance, atol=tolerance), f"{where}: {a} != golden {b}"
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -91,4 +94,4 @@ def test_recipe_matches_golden(name, teachers):
         assert set(got["params"]) == set(want["params"])
         for leaf, values in want["params"].items():
             for a, b in zip(got["params"][leaf], values):
-                _close(a, b, f"{name} stage {s} param {leaf}")
+                _close(a, b, f"{name} stage {s} param {leaf}", PARAM_TOLERANCE)
