@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from distill_fixtures import tiny_teacher, tokenizer
-from gkd_reference import config, kl, log_softmax
+from gkd_reference import assert_copy_resumes_bit_identically, config, kl, log_softmax
 from kdjax.distill import Distillation, metric_values
 from kdjax.distill.trainer import make_stage_loader, mlm_mask
 from kdjax.methods import MethodError, get_method
@@ -142,15 +142,7 @@ def test_layer_and_span_draws_are_uniform():
 
 
 def test_state_copied_after_k_steps_continues_bit_identically(run, batches):
-    state = run.init_state()
-    for batch in batches[:2]:
-        state, _ = run.train_step(state, batch)
-    saved = jax.tree.map(np.array, state)
-    straight_state, straight = run.train_step(state, batches[2])
-    resumed_state, resumed = run.train_step(jax.tree.map(jnp.asarray, saved), batches[2])
-    assert metric_values(straight) == metric_values(resumed)
-    for a, b in zip(jax.tree.leaves(straight_state), jax.tree.leaves(resumed_state)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_copy_resumes_bit_identically(run, batches, k=2)
 
 
 def test_recipe_structure_and_arguments():
