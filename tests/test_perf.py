@@ -158,7 +158,7 @@ import jax, jax.numpy as jnp
 f = jax.jit(lambda x: x * 2.0 + 1.0)
 x = jnp.ones((16 * 1024 * 1024,), jnp.float32)  # a 64 MiB output per call, above glibc's mmap threshold
 counts = []
-for _ in range(24):
+for _ in range(48):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()  # the previous output is freed when the result is dropped
     counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -183,10 +183,12 @@ def test_repeated_steps_stop_page_faulting(choice):
     pages = 64 * 1024 * 1024 // 4096
     if choice == "reuse":
         # The heap grows for the first calls (glibc's aligned blocks need a little more than a freed one
-        # offers until neighbours coalesce), then the freed blocks are handed out again.
-        assert sum(counts[-8:]) <= pages * 1.1, counts
+        # offers until neighbours coalesce), then the freed blocks are handed out again. Under load a
+        # stray call still lands on a fresh block now and then (seen: up to 2 of the last 24).
+        faulting = sum(c >= pages // 2 for c in counts[-24:])
+        assert faulting <= 4, counts
     else:  # every call maps and touches a fresh 64 MiB
-        assert min(counts[-8:]) >= pages // 2, counts
+        assert min(counts[-24:]) >= pages // 2, counts
 
 
 def test_host_malloc_choice_is_checked(monkeypatch):
