@@ -40,14 +40,7 @@ def get_config(arg=None):
     c.student.num_layers = args.layers
     c.student.init = "first"
     c.method = "supervised"
-    c.data.train.task = "kdjax_corpus"
-    c.data.train.pack = True
-    c.data.train.max_length = args.max_length
-    c.data.train.batch_size = args.batch
-    c.train.steps = args.steps
-    c.train.learning_rate = args.lr
-    c.train.warmup_ratio = 0.05
+    common.train_on(c, "kdjax_corpus", batch=args.batch, max_length=args.max_length, steps=args.steps, lr=args.lr,
+                    pack=True, log_every=25, checkpoint_every=200)
     c.train.schedule = "cosine"
-    c.train.log_every = 25
-    c.train.checkpoint_every = 200
     return c

@@ -44,3 +44,23 @@ def parse_arg(arg, **defaults):
 def base_config():
     """Every field a run reads, with its default (`kdjax.config.SCHEMA`); recipes override what they need."""
     return config_lib.base_config()
+
+
+def train_on(c, task, *, batch, max_length, steps, lr, warmup_ratio=0.05, pack=False, log_every=None,
+             checkpoint_every=None):
+    """Point `c` at its training task and schedule (the data and train fields every recipe sets).
+
+    `log_every` / `checkpoint_every` left at None keep the defaults of `kdjax.config`.
+    """
+    c.data.train.task = task
+    c.data.train.max_length = max_length
+    c.data.train.batch_size = batch
+    c.data.train.pack = pack
+    c.train.steps = steps
+    c.train.learning_rate = lr
+    c.train.warmup_ratio = warmup_ratio
+    if log_every is not None:
+        c.train.log_every = log_every
+    if checkpoint_every is not None:
+        c.train.checkpoint_every = checkpoint_every
+    return c

@@ -19,11 +19,6 @@ def get_config(arg=None):
     c.student.head = "classification"
     c.student.num_labels = 3
     c.method = "supervised"
-    c.data.train.task = args.task
-    c.data.train.max_length = args.max_length
-    c.data.train.batch_size = args.batch
-    c.train.steps = args.steps
-    c.train.learning_rate = args.lr
-    c.train.warmup_ratio = 0.1
-    c.train.checkpoint_every = 100
+    common.train_on(c, args.task, batch=args.batch, max_length=args.max_length, steps=args.steps, lr=args.lr,
+                    warmup_ratio=0.1, checkpoint_every=100)
     return c

@@ -33,13 +33,6 @@ def get_config(arg=None):
         c.method_args = {"gkd_onpolicy": dict(lmbda=1.0, beta=0.5, temperature=1.0, prompt_length=args.prompt)}
     else:
         c.method_args = {args.recipe: dict(prompt_length=args.prompt)}
-    c.data.train.task = "kdjax_corpus"
-    c.data.train.pack = True
-    c.data.train.max_length = args.max_length
-    c.data.train.batch_size = args.batch
-    c.train.steps = args.steps
-    c.train.learning_rate = args.lr
-    c.train.warmup_ratio = 0.05
-    c.train.log_every = 10
-    c.train.checkpoint_every = 1000
+    common.train_on(c, "kdjax_corpus", batch=args.batch, max_length=args.max_length, steps=args.steps, lr=args.lr,
+                    pack=True, log_every=10, checkpoint_every=1000)
     return c

@@ -21,14 +21,8 @@ def get_config(arg=None):
     c.student.layers = (1, 3, 5)
     c.method = "minilmv2+unified"
     c.method_args = dict(minilmv2=dict(num_relation_heads=12), unified=dict(knowledge=("hidden",), matching="uniform"))
-    c.data.train.task = "kdjax_corpus"
-    c.data.train.max_length = args.max_length
-    c.data.train.batch_size = args.batch
-    c.train.steps = args.steps
-    c.train.learning_rate = args.lr
-    c.train.warmup_ratio = 0.05
-    c.train.log_every = 10
-    c.train.checkpoint_every = 100
+    common.train_on(c, "kdjax_corpus", batch=args.batch, max_length=args.max_length, steps=args.steps, lr=args.lr,
+                    log_every=10, checkpoint_every=100)
     c.report.embedding_agreement = True
     c.report.latency = True
     c.report.heldout_sentences = 256

@@ -24,12 +24,7 @@ def get_config(arg=None):
         c.method_args = dict(tinybert=dict(general=False))
     elif args.method == "kd":
         c.method_args = dict(kd=dict(alpha=0.5, temperature=4.0))
-    c.data.train.task = args.task
-    c.data.train.max_length = args.max_length
-    c.data.train.batch_size = args.batch
+    common.train_on(c, args.task, batch=args.batch, max_length=args.max_length, steps=args.steps, lr=args.lr,
+                    warmup_ratio=0.1, checkpoint_every=100)
     c.data.task = c.data.train.copy_and_resolve_references()
-    c.train.steps = args.steps
-    c.train.learning_rate = args.lr
-    c.train.warmup_ratio = 0.1
-    c.train.checkpoint_every = 100
     return c

@@ -471,28 +471,17 @@ def make_cache_loader(cache_dir: str, *, batch_size: int, shuffle: bool = True, 
     (``shard_index::shard_count``, default ``jax.process_index()/process_count()``), a global
     shuffle reseeded every epoch, repeat (``num_epochs=None`` = forever), decode, batch.
     """
-    from kdjax.data.pipeline import _resolve_shard
+    from kdjax.data.pipeline import sharded_records, with_workers
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     source = CacheSource(cache_dir)
     if len(source) == 0:
         raise CacheError(f"teacher cache {cache_dir} has no rows")
-    shard_index, shard_count = _resolve_shard(shard_index, shard_count)
-    ds = grain.MapDataset.source(source)
-    if shard_count > 1:
-        ds = ds[shard_index::shard_count]
-        if len(ds) == 0:
-            raise CacheError(f"shard {shard_index}/{shard_count} of the {len(source)} cached rows is empty; use fewer shards")
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder)
-    it_ds = ds.to_iter_dataset(read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-    if worker_count > 0:
-        from absl import flags
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return it_ds
+    ds = sharded_records(source, shard_index=shard_index, shard_count=shard_count, shuffle=shuffle, seed=seed,
+                         num_epochs=num_epochs, what="cached rows", error=CacheError)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return with_workers(ds.to_iter_dataset(read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)),
+                        worker_count)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,9 +15,29 @@ os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 if os.environ.get("KDJAX_TEST_FULL_OPT") != "1":
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+# Many tests compile the same small programs (a tiny model's step, its forward, the optimizer update) in
+# different test processes and CLI subprocesses: one persistent compilation cache per test session, shared
+# by the pytest-xdist workers and the subprocesses they start, compiles each of them once (about 10% of the
+# suite's time). The session's first process makes it and removes it at the end; `KDJAX_TEST_COMPILE_CACHE=0`
+# turns it off. Modules that read compiled programs' text keep compiling afresh (fixture below).
+_SESSION_CACHE = None
+if os.environ.get("KDJAX_TEST_COMPILE_CACHE", "1") == "1" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="kdjax-test-jit-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE is not None:
+        import shutil
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 # `make test-fast` runs `-m "not slow"`. End-to-end runs, notebooks, AOT plans, multi-device compiles and
@@ -62,16 +82,18 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="module")
 def _full_optimization_for_compiled_analyses(request):
-    """Planner, roofline and benchmark tests compile with XLA's whole pipeline (see the top of this file),
-    in this process and in the subprocesses they start."""
-    if request.path.stem not in FULL_OPTIMIZATION_MODULES or not jax.config.read("jax_disable_most_optimizations"):
+    """Planner, roofline and benchmark tests compile with XLA's whole pipeline and without the session's
+    compilation cache (see the top of this file), in this process and in the subprocesses they start."""
+    if request.path.stem not in FULL_OPTIMIZATION_MODULES:
         yield
         return
-    env = os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    saved = {name: os.environ.pop(name, None) for name in ("JAX_DISABLE_MOST_OPTIMIZATIONS", "JAX_COMPILATION_CACHE_DIR")}
+    unoptimized, caching = jax.config.read("jax_disable_most_optimizations"), jax.config.read("jax_enable_compilation_cache")
     jax.config.update("jax_disable_most_optimizations", False)
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
         yield
     finally:
-        jax.config.update("jax_disable_most_optimizations", True)
-        if env is not None:
-            os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = env
+        jax.config.update("jax_disable_most_optimizations", unoptimized)
+        jax.config.update("jax_enable_compilation_cache", caching)
+        os.environ.update({name: value for name, value in saved.items() if value is not None})

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from distill_fixtures import tiny_teacher
+from gkd_reference import assert_copy_resumes_bit_identically
 from kdjax.distill import Distillation, metric_values
 from kdjax.distill.trainer import make_stage_loader
 from kdjax.knowledge import registry
@@ -121,15 +122,7 @@ def test_draws_are_uniform_sorted_subsets_and_a_function_of_the_step(run, teache
 
 
 def test_state_copied_after_k_steps_continues_bit_identically(run, batches):
-    state = run.init_state()
-    for batch in batches[:3]:
-        state, _ = run.train_step(state, batch)
-    saved = jax.tree.map(np.array, state)
-    straight_state, straight = run.train_step(state, batches[3])
-    resumed_state, resumed = run.train_step(jax.tree.map(jnp.asarray, saved), batches[3])
-    assert metric_values(straight) == metric_values(resumed)
-    for a, b in zip(jax.tree.leaves(straight_state), jax.tree.leaves(resumed_state)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_copy_resumes_bit_identically(run, batches, k=3)
 
 
 def test_recipe_structure_and_arguments():

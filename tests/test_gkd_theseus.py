@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from distill_fixtures import tiny_teacher
-from gkd_reference import config, hard_ce
+from gkd_reference import assert_copy_resumes_bit_identically, config, hard_ce
 from kdjax.distill import Distillation, metric_values
 from kdjax.distill.trainer import make_stage_loader
 from kdjax.hub.api import abstract_model, flat_params, params_from_flat
@@ -86,13 +86,4 @@ def test_replacement_draw_follows_the_schedule():
 
 
 def test_state_copied_after_steps_continues_bit_identically(run_and_batches):
-    run, batches = run_and_batches
-    state = run.init_state()
-    for batch in batches[:2]:
-        state, _ = run.train_step(state, batch)
-    saved = jax.tree.map(np.array, state)
-    straight_state, straight = run.train_step(state, batches[2])
-    resumed_state, resumed = run.train_step(jax.tree.map(jnp.asarray, saved), batches[2])
-    assert metric_values(straight) == metric_values(resumed)
-    for a, b in zip(jax.tree.leaves(straight_state.params), jax.tree.leaves(resumed_state.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_copy_resumes_bit_identically(*run_and_batches, k=2)

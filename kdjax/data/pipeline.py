@@ -186,6 +186,36 @@ def _resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[in
     return shard_index, shard_count
 
 
+def sharded_records(source, *, shard_index: int | None, shard_count: int | None, shuffle: bool, seed: int,
+                    num_epochs: int | None, what: str = "records", error: type = ValueError) -> grain.MapDataset:
+    """This process's rows of `source` (``shard_index::shard_count``), shuffled, repeated `num_epochs` times.
+
+    The first stages of every kdjax loader; `what` and `error` word the empty-shard error.
+    """
+    shard_index, shard_count = _resolve_shard(shard_index, shard_count)
+    ds = grain.MapDataset.source(source)
+    if shard_count > 1:
+        ds = ds[shard_index::shard_count]
+        if len(ds) == 0:
+            raise error(f"shard {shard_index}/{shard_count} of the {len(source)} {what} is empty; use fewer shards")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    return ds.repeat(num_epochs)
+
+
+def with_workers(it_ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
+    """`it_ds` prefetched by `worker_count` processes (0: in this process)."""
+    if worker_count > 0:
+        from absl import flags
+
+        # grain's worker processes read absl flags; outside an absl app they are unparsed, which
+        # grain treats as an error. Their defaults are what we want, so accept them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it_ds
+
+
 def make_loader(
     source,
     tokenizer,
@@ -252,16 +282,8 @@ def make_loader(
         raise ValueError(f"num_epochs must be >= 1 or None (repeat forever), got {num_epochs}")
     if len(source) == 0:
         raise ValueError(f"source {source!r} is empty; check the file or split")
-    shard_index, shard_count = _resolve_shard(shard_index, shard_count)
-
-    ds = grain.MapDataset.source(source)
-    if shard_count > 1:
-        ds = ds[shard_index::shard_count]
-        if len(ds) == 0:
-            raise ValueError(f"shard {shard_index}/{shard_count} of {len(source)} records is empty; use fewer shards")
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs)
+    ds = sharded_records(source, shard_index=shard_index, shard_count=shard_count, shuffle=shuffle, seed=seed,
+                         num_epochs=num_epochs)
 
     if pack:
         with_tt = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
@@ -277,15 +299,7 @@ def make_loader(
         ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)
         ds = ds.map(_TokenizeBatch(tokenizer, format_fn, labels, max_length, pad_to_multiple_of))
         it_ds = ds.to_iter_dataset(read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-    if worker_count > 0:
-        from absl import flags
-
-        # grain's worker processes read absl flags; outside an absl app they are unparsed, which
-        # grain treats as an error. Their defaults are what we want, so accept them.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return it_ds
+    return with_workers(it_ds, worker_count)
 
 
 def make_task_loader(
