@@ -14,9 +14,9 @@
    agreement with the 6-layer teacher, seconds per step, peak memory), means over seeds.
 
 Recipes that need a language-model teacher (masked or causal LM) are listed as skipped. Every run
-resumes when interrupted (rerun the same command). Budget: the defaults (100 steps per stage, one seed,
-300 teacher steps) are sized to finish within 90 minutes on 2 CPU cores (an estimate from the step
-times of benchmarks/task_distillation.py, not yet a measurement); `--steps`, `--seeds`, `--methods` and
+resumes when interrupted (rerun the same command). Budget: the defaults (50 steps per stage, one seed,
+300 teacher steps) finish within 90 minutes on 2 CPU cores: the two teachers take about 16 minutes,
+the 25 classification recipes (32 stages) about an hour; `--steps`, `--seeds`, `--methods` and
 `--teacher_steps` scale it.
 """
 
@@ -34,7 +34,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/methods", "Root directory of the teachers and every run.")
-_STEPS = flags.DEFINE_integer("steps", 100, "Training steps of each stage of each recipe (and of the baseline).")
+_STEPS = flags.DEFINE_integer("steps", 50, "Training steps of each stage of each recipe (and of the baseline).")
 _TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 300, "Fine-tuning steps of each teacher.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Training seeds; the table reports means over them.")
 _METHODS = flags.DEFINE_list("methods", [], "Recipes to run (default: every registered recipe).")
@@ -111,7 +111,24 @@ def run_one(method: str, seed: int, root: str, steps: int, max_length: int) -> d
     return {"method": method, "seed": seed, "stages": [s.name for s in run.method.stages], "steps": summary["steps"],
             "accuracy": metrics["accuracy"], "agreement": metrics.get("agreement/top1"),
             "seconds_per_step": seconds_per_step(summary, elapsed),
-            "peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+            "peak_memory_mib": peak_memory_mib()}
+
+
+def peak_memory_mib() -> float:
+    """This process's peak resident set size in MiB.
+
+    Linux's `VmHWM` counts this program's own pages only; `ru_maxrss` also carries the peak of the
+    parent that forked it (a child started by the driver would report the driver's teachers' memory).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KiB elsewhere
 
 
 def seconds_per_step(summary: dict, elapsed: float) -> float:
