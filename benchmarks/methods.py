@@ -2,6 +2,7 @@
 
         python benchmarks/methods.py --workdir=workdir/methods [--steps=100] [--seeds=0] [--methods=kd,takd]
         python benchmarks/methods.py --workdir=workdir/methods --readme=README.md   # also render into README
+        python benchmarks/methods.py --workdir=workdir/methods --readme=README.md --from_json  # render again
 
 1. fine-tunes the real teacher (all-MiniLM-L6-v2 + classification head) on `kdjax_reviews`, as
    benchmarks/task_distillation.py does, and a second, 4-layer teacher (four layers of the same
@@ -41,6 +42,7 @@ _METHODS = flags.DEFINE_list("methods", [], "Recipes to run (default: every regi
 _README = flags.DEFINE_string("readme", "", "Render the table into this file between the benchmark markers.")
 _ONE = flags.DEFINE_string("one", "", "Internal: run one recipe (name:seed) and write its result JSON.")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 64, "Sequence length of every run.")
+_FROM_JSON = flags.DEFINE_bool("from_json", False, "Only render <workdir>/methods.json again (into --readme).")
 
 BASELINE = "supervised"
 #: Recipes that distill from several teachers (they get `large` and `small`).
@@ -101,8 +103,10 @@ def run_one(method: str, seed: int, root: str, steps: int, max_length: int) -> d
                 "small": os.path.join(root, "teacher_small", "student")}
     workdir = os.path.join(root, "runs", f"{method}-seed{seed}")
     run = Distillation(method_config(method, teachers, steps=steps, seed=seed, max_length=max_length))
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     summary = run.fit(workdir, progress=False)
+    load_after = os.getloadavg()[0]
     elapsed = time.perf_counter() - started
     student = kdjax.load_pretrained(os.path.join(workdir, "student"))
     teacher = kdjax.load_pretrained(teachers["large"])
@@ -111,7 +115,7 @@ def run_one(method: str, seed: int, root: str, steps: int, max_length: int) -> d
     return {"method": method, "seed": seed, "stages": [s.name for s in run.method.stages], "steps": summary["steps"],
             "accuracy": metrics["accuracy"], "agreement": metrics.get("agreement/top1"),
             "seconds_per_step": seconds_per_step(summary, elapsed),
-            "peak_memory_mib": peak_memory_mib()}
+            "peak_memory_mib": peak_memory_mib(), "load_average": max(load_before, load_after)}
 
 
 def peak_memory_mib() -> float:
@@ -155,7 +159,8 @@ def aggregate(results: list[dict]) -> list[dict]:
         row = {"method": method + (" (baseline)" if method == BASELINE else ""),
                "stages": " → ".join(rs[0].get("stages") or []) or "-", "seeds": len(ok)}
         for key, label in (("accuracy", "test accuracy"), ("agreement", "top-1 agreement"),
-                           ("seconds_per_step", "s/step"), ("peak_memory_mib", "peak memory (MiB)")):
+                           ("seconds_per_step", "s/step"), ("peak_memory_mib", "peak memory (MiB)"),
+                           ("load_average", "load")):
             values = [r[key] for r in ok if r.get(key) is not None]
             row[label] = round(sum(values) / len(values), 4) if values else None
         notes = sorted({r["note"] for r in rs if r.get("note")})
@@ -168,7 +173,9 @@ def render(rows: list[dict], test_examples: int, command: str) -> str:
     """The markdown table with how many test examples one point is and how it was produced."""
     from kdjax import report
     header = (f"Test split: {test_examples} examples, so one accuracy point is {test_examples / 100:g} "
-              f"examples. Produced by `{command}`.\n\n")
+              f"examples. `load`: the 1-minute load average at the start or end of the run, whichever is higher "
+              f"(a run alone on 2 cores reads about 2; above that, other work shared the CPU and its s/step is "
+              f"inflated). Produced by `{command}`.\n\n")
     return header + report.format_table(rows)
 
 
@@ -189,8 +196,14 @@ def main(argv):
         result = run_one(method, int(seed), root, steps, max_length)
         print("RESULT " + json.dumps(result))
         return
+    if _FROM_JSON.value:
+        with open(os.path.join(root, "methods.json")) as f:
+            saved = json.load(f)
+        publish(root, runs=saved["runs"], test_examples=saved["test_examples"], command=saved["command"],
+                teacher_accuracy=saved.get("teacher_accuracy", saved["rows"][0]["test accuracy"]))
+        return
     import kdjax
-    from kdjax import evaluate, report
+    from kdjax import evaluate
     from kdjax.distill import Distillation
     for name, layers in (("teacher_large", 6), ("teacher_small", 4)):
         Distillation(teacher_config(_TEACHER_STEPS.value, layers, max_length)).fit(os.path.join(root, name),
@@ -214,13 +227,19 @@ def main(argv):
             else:
                 results.append(json.loads(lines[-1][len("RESULT "):]))
             print(json.dumps(results[-1]), flush=True)
-    rows = [{"method": "teacher (fine-tuned MiniLM-L6)", "stages": "-", "seeds": 1,
-             "test accuracy": round(t_metrics["accuracy"], 4), "top-1 agreement": 1.0}] + aggregate(results)
     command = (f"python benchmarks/methods.py --steps={steps} --seeds={','.join(_SEEDS.value)} "
                f"--teacher_steps={_TEACHER_STEPS.value}")
-    table = render(rows, examples, command)
-    report.write_json(os.path.join(root, "methods.json"), {"rows": rows, "runs": results, "test_examples": examples,
-                                                           "command": command})
+    publish(root, runs=results, test_examples=examples, command=command, teacher_accuracy=t_metrics["accuracy"])
+
+
+def publish(root: str, *, runs: list[dict], test_examples: int, command: str, teacher_accuracy: float):
+    """Aggregate `runs` into the table, write `<root>/methods.json`, print it and splice it into --readme."""
+    from kdjax import report
+    rows = [{"method": "teacher (fine-tuned MiniLM-L6)", "stages": "-", "seeds": 1,
+             "test accuracy": round(teacher_accuracy, 4), "top-1 agreement": 1.0}] + aggregate(runs)
+    table = render(rows, test_examples, command)
+    report.write_json(os.path.join(root, "methods.json"), {"rows": rows, "runs": runs, "test_examples": test_examples,
+                                                           "command": command, "teacher_accuracy": teacher_accuracy})
     print(table)
     if _README.value:
         with open(_README.value) as f:

@@ -42,15 +42,16 @@ def test_aggregate_render_and_splice():
     runs = [{"method": "supervised", "seed": 0, "stages": ["train"], "accuracy": 0.5, "agreement": 0.6,
              "seconds_per_step": 0.2, "peak_memory_mib": 100.0},
             {"method": "takd", "seed": 0, "stages": ["assistant", "student"], "accuracy": 0.7, "agreement": 0.8,
-             "seconds_per_step": 0.4, "peak_memory_mib": 300.0},
+             "seconds_per_step": 0.4, "peak_memory_mib": 300.0, "load_average": 2.0},
             {"method": "takd", "seed": 1, "stages": ["assistant", "student"], "accuracy": 0.8, "agreement": 0.9,
-             "seconds_per_step": 0.6, "peak_memory_mib": 200.0},
+             "seconds_per_step": 0.6, "peak_memory_mib": 200.0, "load_average": 3.0},
             {"method": "gkd", "seed": 0, "note": "skipped: needs a language-model teacher"}]
     rows = bench.aggregate(runs)
     assert [r["method"] for r in rows] == ["supervised (baseline)", "takd", "gkd"]
     takd = rows[1]
     assert takd["stages"] == "assistant → student" and takd["seeds"] == 2
     assert takd["test accuracy"] == 0.75 and takd["s/step"] == 0.5 and takd["peak memory (MiB)"] == 250.0
+    assert takd["load"] == 2.5 and rows[0]["load"] is None
     assert rows[2]["test accuracy"] is None and "skipped" in rows[2]["note"]
     table = bench.render(rows, 600, "python benchmarks/methods.py --steps=1")
     assert "one accuracy point is 6 examples" in table and "| takd |" in table
