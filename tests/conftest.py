@@ -19,7 +19,8 @@ if os.environ.get("KDJAX_TEST_FULL_OPT") != "1":
 # different test processes and CLI subprocesses: one persistent compilation cache per test session, shared
 # by the pytest-xdist workers and the subprocesses they start, compiles each of them once (about 10% of the
 # suite's time). The session's first process makes it and removes it at the end; `KDJAX_TEST_COMPILE_CACHE=0`
-# turns it off. Modules that read compiled programs' text keep compiling afresh (fixture below).
+# turns it off. The compile options are part of a cached program's key, so fully optimized modules (below) get
+# their own entries; a program loaded from the cache differs from a fresh compile only in its source metadata.
 _SESSION_CACHE = None
 if os.environ.get("KDJAX_TEST_COMPILE_CACHE", "1") == "1" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
@@ -82,18 +83,16 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="module")
 def _full_optimization_for_compiled_analyses(request):
-    """Planner, roofline and benchmark tests compile with XLA's whole pipeline and without the session's
-    compilation cache (see the top of this file), in this process and in the subprocesses they start."""
-    if request.path.stem not in FULL_OPTIMIZATION_MODULES:
+    """Planner, roofline and benchmark tests compile with XLA's whole pipeline (see the top of this file),
+    in this process and in the subprocesses they start."""
+    if request.path.stem not in FULL_OPTIMIZATION_MODULES or not jax.config.read("jax_disable_most_optimizations"):
         yield
         return
-    saved = {name: os.environ.pop(name, None) for name in ("JAX_DISABLE_MOST_OPTIMIZATIONS", "JAX_COMPILATION_CACHE_DIR")}
-    unoptimized, caching = jax.config.read("jax_disable_most_optimizations"), jax.config.read("jax_enable_compilation_cache")
+    env = os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
     jax.config.update("jax_disable_most_optimizations", False)
-    jax.config.update("jax_enable_compilation_cache", False)
     try:
         yield
     finally:
-        jax.config.update("jax_disable_most_optimizations", unoptimized)
-        jax.config.update("jax_enable_compilation_cache", caching)
-        os.environ.update({name: value for name, value in saved.items() if value is not None})
+        jax.config.update("jax_disable_most_optimizations", True)
+        if env is not None:
+            os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = env
