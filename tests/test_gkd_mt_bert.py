@@ -22,7 +22,7 @@ def batches(teachers):
     return [next(it) for _ in range(2)]
 
 
-def mt_bert_reference(run, state, batch):
+def mt_bert_reference(run, state, batch, layers="uniform"):
     (s_out, s_inter), t, b = forwards(run, state.params, batch, {"hidden_states": None})
     z = np.asarray(s_out.logits, np.float64)
     y = np.asarray(b["labels"])
@@ -37,8 +37,10 @@ def mt_bert_reference(run, state, batch):
         ht = np.asarray(t_inter.hidden_states, np.float64)
         fit = {k: np.asarray(v, np.float64) for k, v in state.modules["mt_bert_fit"][name].items()}
         stride = (ht.shape[0] - 1) // (hs.shape[0] - 1)
+        offset = ht.shape[0] - hs.shape[0]
         for i in range(1, hs.shape[0]):
-            diff = hs[i] - (ht[i * stride] @ fit["kernel"] + fit["bias"])
+            j = i * stride if layers == "uniform" else i + offset  # "last": the teacher's top L_S layers
+            diff = hs[i] - (ht[j] @ fit["kernel"] + fit["bias"])
             total += np.sum(np.mean(diff ** 2, -1) * mask) / mask.sum()
     return total
 
@@ -53,6 +55,17 @@ def test_mt_bert_loss_equals_numpy_reference(teachers, batches):
         state, metrics = run.train_step(state, batch)
         np.testing.assert_allclose(metric_values(metrics)["loss"], expected, rtol=2e-4, err_msg=f"step {step}")
     assert not np.allclose(fit_before, state.modules["mt_bert_fit"]["large"]["kernel"]), "F_k was not trained"
+
+
+def test_mt_bert_last_layers_match_the_teachers_top_layers(teachers, batches):
+    """`layers="last"` (teachers whose depths are not multiples of the student's): student layer i against
+    each teacher's layer L_T - L_S + i."""
+    run = Distillation(config("mt_bert", {"layers": "last"}), teachers=teachers)
+    state = run.init_state()
+    expected = mt_bert_reference(run, state, batches[0], layers="last")
+    assert not np.isclose(expected, mt_bert_reference(run, state, batches[0]))  # the maps differ for the 4-layer teacher
+    _, metrics = run.train_step(state, batches[0])
+    np.testing.assert_allclose(metric_values(metrics)["loss"], expected, rtol=2e-4)
 
 
 def test_tmkd_loss_equals_numpy_reference(teachers, batches):

@@ -111,7 +111,7 @@ def mt_bert_loss(sctx):
 
 @register("mt_bert", "MT-BERT: Σ_k [per-example 1/(1+CE_T^k)-weighted soft CE + PKD hidden MSE via F_k] + CE")
 def mt_bert(*, alpha=1.0, beta=1.0, temperature=1.0, hard_weight=1.0, fit_teacher: bool = True,
-            fit_learning_rate=None, student_init="uniform") -> Method:
+            fit_learning_rate=None, student_init="uniform", layers="uniform") -> Method:
     """MT-BERT multi-teacher distillation (GKD §14).
 
     Args:
@@ -121,6 +121,9 @@ def mt_bert(*, alpha=1.0, beta=1.0, temperature=1.0, hard_weight=1.0, fit_teache
       hard_weight: weight of the student's hard-label CE, added once (0 = `--mt_bert_wo_hard`).
       fit_teacher: F_k maps teacher features to the student width (True) or the student's to each teacher's.
       fit_learning_rate: the projections' own peak learning rate (None: the stage's).
+      layers: the hidden term's layer matching, applied to every teacher (`kdjax.matching`). GKD's
+        uniform map needs each teacher's depth to be a multiple of the student's; with teachers of other
+        depths (6 and 4 layers for a 3-layer student) use "last" or explicit pairs.
     """
     alpha = check_weight(alpha, "mt_bert: alpha")
     beta = check_weight(beta, "mt_bert: beta")
@@ -128,7 +131,7 @@ def mt_bert(*, alpha=1.0, beta=1.0, temperature=1.0, hard_weight=1.0, fit_teache
     temperature = check_temperature(temperature, "mt_bert: temperature")
     terms = tuple(t for t in (
         Term.make("soft_cross_entropy", "logits", weight=alpha, name="soft", temperature=temperature),
-        Term.make("mt_bert_hidden", "hidden_states", weight=beta, name="hidden", layers="uniform",
+        Term.make("mt_bert_hidden", "hidden_states", weight=beta, name="hidden", layers=layers,
                   fit_teacher=bool(fit_teacher)),
         hard_label_term(hard_weight)) if not (isinstance(t.weight, float) and t.weight == 0.0))
     if not terms:
