@@ -17,9 +17,9 @@
 
 Recipes that need a language-model teacher (masked or causal LM) are listed as skipped. Every run
 resumes when interrupted (rerun the same command). Budget: the defaults (50 steps per stage, one seed,
-300 teacher steps) finish within 90 minutes on 2 CPU cores: the two teachers take about 16 minutes,
-the 25 classification recipes (32 stages) about an hour; `--steps`, `--seeds`, `--methods` and
-`--teacher_steps` scale it.
+300 teacher steps): the two teachers take about 16 minutes on 2 CPU cores and each recipe 2-3 minutes
+alone (3-4.5 under load), so the 25 classification recipes do not yet fit in 90 minutes; `--steps`,
+`--seeds`, `--methods` and `--teacher_steps` scale it.
 """
 
 from __future__ import annotations
