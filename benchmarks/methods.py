@@ -199,8 +199,9 @@ def main(argv):
         print("RESULT " + json.dumps(result))
         return
     if _FROM_JSON.value:
-        with open(os.path.join(root, "methods.json")) as f:
-            saved = json.load(f)
+        saved = read_saved(root)
+        if saved is None:
+            raise SystemExit(f"no {root}/methods.json to render; run the benchmark first")
         publish(root, runs=saved["runs"], test_examples=saved["test_examples"], command=saved["command"],
                 teacher_accuracy=saved.get("teacher_accuracy", saved["rows"][0]["test accuracy"]))
         return
@@ -231,17 +232,24 @@ def main(argv):
             print(json.dumps(results[-1]), flush=True)
     command = (f"python benchmarks/methods.py --steps={steps} --seeds={','.join(_SEEDS.value)} "
                f"--teacher_steps={_TEACHER_STEPS.value}")
-    saved_path = os.path.join(root, "methods.json")
-    if _METHODS.value and os.path.exists(saved_path):  # a rerun of some recipes replaces their rows only
-        with open(saved_path) as f:
-            saved = json.load(f)
+    saved = read_saved(root) if _METHODS.value else None
+    if saved is not None:  # a rerun of some recipes replaces their rows only
         if saved["command"] != command:
-            raise SystemExit(f"{saved_path} was made by `{saved['command']}`; rerun recipes with the same flags")
+            raise SystemExit(f"{root}/methods.json was made by `{saved['command']}`; rerun recipes with the same flags")
         rerun = {r["method"] for r in results}
         results = [r for r in saved["runs"] if r["method"] not in rerun] + results
         order = {name: n for n, name in enumerate(methods_to_run())}
         results.sort(key=lambda r: order.get(r["method"], len(order)))
     publish(root, runs=results, test_examples=examples, command=command, teacher_accuracy=t_metrics["accuracy"])
+
+
+def read_saved(root: str):
+    """`<root>/methods.json` as written by :func:`publish`, or None when there is none yet."""
+    path = os.path.join(root, "methods.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def publish(root: str, *, runs: list[dict], test_examples: int, command: str, teacher_accuracy: float):
