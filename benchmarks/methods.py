@@ -171,13 +171,17 @@ def aggregate(results: list[dict]) -> list[dict]:
     return out
 
 
-def render(rows: list[dict], test_examples: int, command: str) -> str:
-    """The markdown table with how many test examples one point is and how it was produced."""
+def render(rows: list[dict], test_examples: int, command: str, wall_minutes: tuple | None = None) -> str:
+    """The markdown table with how many test examples one point is, how it was produced and how long it took
+    (`wall_minutes`: the teachers' and the recipes' minutes)."""
     from kdjax import report
+    took = (f" It took {sum(wall_minutes):.0f} minutes: {wall_minutes[0]:.0f} for the two teachers, "
+            f"{wall_minutes[1]:.0f} for the recipes, each in its own process (start, compile, train, evaluate)."
+            if wall_minutes else "")
     header = (f"Test split: {test_examples} examples, so one accuracy point is {test_examples / 100:g} "
               f"examples. `load`: the 1-minute load average at the start or end of the run, whichever is higher "
               f"(a run alone on 2 cores reads about 2; above that, other work shared the CPU and its s/step is "
-              f"inflated). Produced by `{command}`.\n\n")
+              f"inflated). Produced by `{command}`.{took}\n\n")
     return header + report.format_table(rows)
 
 
@@ -203,14 +207,19 @@ def main(argv):
         if saved is None:
             raise SystemExit(f"no {root}/methods.json to render; run the benchmark first")
         publish(root, runs=saved["runs"], test_examples=saved["test_examples"], command=saved["command"],
-                teacher_accuracy=saved.get("teacher_accuracy", saved["rows"][0]["test accuracy"]))
+                teacher_accuracy=saved.get("teacher_accuracy", saved["rows"][0]["test accuracy"]),
+                teacher_seconds=saved.get("teacher_seconds"))
         return
+    # Every recipe evaluates the same student and teacher programs: compile them once for the whole run.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(root), "compile_cache"))
     import kdjax
     from kdjax import evaluate
     from kdjax.distill import Distillation
+    started = time.perf_counter()
     for name, layers in (("teacher_large", 6), ("teacher_small", 4)):
         Distillation(teacher_config(_TEACHER_STEPS.value, layers, max_length)).fit(os.path.join(root, name),
                                                                                    progress=True)
+    teacher_seconds = time.perf_counter() - started
     teacher = kdjax.load_pretrained(os.path.join(root, "teacher_large", "student"))
     t_metrics = evaluate.evaluate_classifier(teacher, test_batches(teacher, max_length), task="kdjax_reviews")
     examples = sum(int(len(b["labels"])) for b in test_batches(teacher, max_length))
@@ -222,13 +231,15 @@ def main(argv):
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), f"--one={method}:{seed}", f"--workdir={root}",
                    f"--steps={steps}", f"--max_length={max_length}"]
+            started = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
+            wall = round(time.perf_counter() - started, 1)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:
                 error = (proc.stderr.strip().splitlines() or ["no output"])[-1][:160]
-                results.append({"method": method, "seed": int(seed), "note": f"failed: {error}"})
+                results.append({"method": method, "seed": int(seed), "note": f"failed: {error}", "wall_seconds": wall})
             else:
-                results.append(json.loads(lines[-1][len("RESULT "):]))
+                results.append({**json.loads(lines[-1][len("RESULT "):]), "wall_seconds": wall})
             print(json.dumps(results[-1]), flush=True)
     command = (f"python benchmarks/methods.py --steps={steps} --seeds={','.join(_SEEDS.value)} "
                f"--teacher_steps={_TEACHER_STEPS.value}")
@@ -240,7 +251,9 @@ def main(argv):
         results = [r for r in saved["runs"] if r["method"] not in rerun] + results
         order = {name: n for n, name in enumerate(methods_to_run())}
         results.sort(key=lambda r: order.get(r["method"], len(order)))
-    publish(root, runs=results, test_examples=examples, command=command, teacher_accuracy=t_metrics["accuracy"])
+        teacher_seconds = max(teacher_seconds, saved.get("teacher_seconds") or 0.0)  # trained by the first run
+    publish(root, runs=results, test_examples=examples, command=command, teacher_accuracy=t_metrics["accuracy"],
+            teacher_seconds=teacher_seconds)
 
 
 def read_saved(root: str):
@@ -252,14 +265,18 @@ def read_saved(root: str):
         return json.load(f)
 
 
-def publish(root: str, *, runs: list[dict], test_examples: int, command: str, teacher_accuracy: float):
+def publish(root: str, *, runs: list[dict], test_examples: int, command: str, teacher_accuracy: float,
+            teacher_seconds: float | None = None):
     """Aggregate `runs` into the table, write `<root>/methods.json`, print it and splice it into --readme."""
     from kdjax import report
     rows = [{"method": "teacher (fine-tuned MiniLM-L6)", "stages": "-", "seeds": 1,
              "test accuracy": round(teacher_accuracy, 4), "top-1 agreement": 1.0}] + aggregate(runs)
-    table = render(rows, test_examples, command)
+    walls = [r["wall_seconds"] for r in runs if r.get("wall_seconds") is not None]
+    wall_minutes = (teacher_seconds / 60, sum(walls) / 60) if teacher_seconds and walls else None
+    table = render(rows, test_examples, command, wall_minutes)
     report.write_json(os.path.join(root, "methods.json"), {"rows": rows, "runs": runs, "test_examples": test_examples,
-                                                           "command": command, "teacher_accuracy": teacher_accuracy})
+                                                           "command": command, "teacher_accuracy": teacher_accuracy,
+                                                           "teacher_seconds": teacher_seconds})
     print(table)
     if _README.value:
         with open(_README.value) as f:

@@ -54,7 +54,9 @@ def test_aggregate_render_and_splice():
     assert takd["load"] == 2.5 and rows[0]["load"] is None
     assert rows[2]["test accuracy"] is None and "skipped" in rows[2]["note"]
     table = bench.render(rows, 600, "python benchmarks/methods.py --steps=1")
-    assert "one accuracy point is 6 examples" in table and "| takd |" in table
+    assert "one accuracy point is 6 examples" in table and "| takd |" in table and "It took" not in table
+    timed = bench.render(rows, 600, "python benchmarks/methods.py --steps=1", wall_minutes=(15.6, 60.2))
+    assert "It took 76 minutes: 16 for the two teachers, 60 for the recipes" in timed
     text = "# Title\n\nintro\n"
     once = bench.splice(text, table)
     assert once.count(bench.START) == 1 and table in once
