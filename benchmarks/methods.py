@@ -17,9 +17,10 @@
 
 Recipes that need a language-model teacher (masked or causal LM) are listed as skipped. Every run
 resumes when interrupted (rerun the same command). Budget: the defaults (50 steps per stage, one seed,
-300 teacher steps): the two teachers take about 16 minutes on 2 CPU cores and each recipe 2-3 minutes
-alone (3-4.5 under load), so the 25 classification recipes do not yet fit in 90 minutes; `--steps`,
-`--seeds`, `--methods` and `--teacher_steps` scale it.
+300 teacher steps) took 58 minutes on an idle 2-core CPU: 11 for the two teachers and 46 for the 26 recipe
+processes (1-3 minutes each, the compiled evaluation programs shared through one compilation cache under
+the workdir); other work on the machine stretches that. `--steps`, `--seeds`, `--methods` and
+`--teacher_steps` scale it.
 """
 
 from __future__ import annotations
