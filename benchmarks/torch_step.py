@@ -208,7 +208,7 @@ class TorchKDStep:
         return float(loss.detach())
 
 
-def matmul_peak(n: int = 1024, repeats: int = 5) -> dict:
+def matmul_peak(n: int = 1024, repeats: int = 20) -> dict:
     """Measured fp32 matmul throughput (GFLOP/s) of jax and torch on an `n x n` product, interleaved.
 
     The best of `repeats` timings of each: what one core set can do at the moment of measurement, the
