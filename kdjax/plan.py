@@ -46,11 +46,13 @@ with the batch from ``config.data.train`` (``batch_size`` x ``max_length``), the
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.util
 import math
 import os
 import re
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -462,6 +464,7 @@ class PlanResult:
     compiler_oom: Optional[str] = None
     oom_temp_bytes: Optional[int] = None
     roofline: Optional[roofline_lib.Roofline] = None  # predicted step time (None after a compiler OOM)
+    roofline_note: Optional[str] = None  # why there is no estimate although the step compiled
 
     @property
     def total_bytes(self) -> Optional[int]:
@@ -520,15 +523,33 @@ def plan_step(config: Any, topology: Topology, *, mesh_config: Optional[sharding
     t0 = time.perf_counter()
     lowered = step.lower()
     t1 = time.perf_counter()
-    memory, oom, compiled = None, None, None
-    try:
-        compiled = lowered.compile(compiler_options=compiler_options(topology) or None)
-        memory = MemoryUse.from_compiled(compiled)
-    except Exception as e:  # noqa: BLE001 -- only a compile-time OOM is a plan outcome; the rest re-raise
-        oom = _compiler_oom(e)
-        if oom is None:
-            raise
+    memory, oom, compiled, hlo_text = None, None, None, None
+    with tempfile.TemporaryDirectory(prefix="kdjax-plan-hlo-") as dump_dir:
+        options = compiler_options(topology)
+        if topology.spec.platform != "cpu":
+            # The roofline reads the optimized HLO. jaxlib cannot parse back some modules libtpu emits
+            # (Compiled.as_text() fails on async-update instructions with several operands), so the
+            # TPU compiler writes its text out as it compiles.
+            options.update({"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True})
+        try:
+            compiled = lowered.compile(compiler_options=options or None)
+            memory = MemoryUse.from_compiled(compiled)
+        except Exception as e:  # noqa: BLE001 -- only a compile-time OOM is a plan outcome; the rest re-raise
+            oom = _compiler_oom(e)
+            if oom is None:
+                raise
+        dumped = sorted(glob.glob(os.path.join(dump_dir, "*.after_optimizations.txt")))
+        if dumped:
+            with open(dumped[-1]) as f:
+                hlo_text = f.read()
     t2 = time.perf_counter()
+    roofline, roofline_note = None, None
+    if compiled is not None:
+        try:
+            roofline = roofline_lib.estimate_step(compiled, step, topology.spec.generation, len(topology.devices),
+                                                  hlo_text=hlo_text)
+        except RuntimeError as e:  # the memory plan stands without the estimate
+            roofline_note = f"no estimate: the optimized HLO could not be read ({str(e).strip().splitlines()[0][:160]})"
     teacher_abstract = step.abstract_teacher_params
     batch = next(iter(step.abstract_batch.values())).shape
     return PlanResult(
@@ -541,8 +562,7 @@ def plan_step(config: Any, topology: Topology, *, mesh_config: Optional[sharding
         input_bytes_per_device=_per_device_bytes((step.abstract_state, teacher_abstract, step.abstract_batch)),
         memory=memory, device_memory=topology.device_memory_bytes, lower_seconds=t1 - t0, compile_seconds=t2 - t1,
         compiler_oom=None if oom is None else oom[0], oom_temp_bytes=None if oom is None else oom[1],
-        roofline=None if compiled is None else roofline_lib.estimate_step(compiled, step, topology.spec.generation,
-                                                                          len(topology.devices)))
+        roofline=roofline, roofline_note=roofline_note)
 
 
 def _count(n: int) -> str:
@@ -594,6 +614,8 @@ def format_result(r: PlanResult) -> str:
     ]
     if r.roofline is not None:
         lines += roofline_lib.format_estimate(r.roofline)
+    elif r.roofline_note:
+        lines.append(f"estimate:        {r.roofline_note}")
     share = "" if r.total_bytes is None else f" ({100.0 * r.total_bytes / r.device_memory:.1f}% of device memory)"
     lines.append(f"result:          {'FITS' if r.fits else 'DOES NOT FIT'}{share}")
     return "\n".join(lines)

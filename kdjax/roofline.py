@@ -574,10 +574,26 @@ def analyze_text(text: str, xla_flops: float, xla_bytes: float) -> HloCost:
                    xla_bytes=xla_bytes, collectives=tuple(collectives), loops=loops)
 
 
-def analyze(compiled: Any) -> HloCost:
-    """`HloCost` of a compiled executable (``jax.jit(f).lower(...).compile()``), per device."""
+def optimized_hlo_text(compiled: Any) -> str:
+    """The optimized HLO text of a compiled executable, as the compiler prints it.
+
+    `Compiled.as_text()` round-trips each module through its proto, which jaxlib's parser refuses for
+    some programs libtpu emits (an async-update with several operands); the runtime executable prints
+    the module directly, so it is asked first.
+    """
+    try:
+        return compiled.runtime_executable().get_hlo_text()
+    except (AttributeError, RuntimeError):
+        return compiled.as_text()
+
+
+def analyze(compiled: Any, hlo_text: Optional[str] = None) -> HloCost:
+    """`HloCost` of a compiled executable (``jax.jit(f).lower(...).compile()``), per device.
+
+    `hlo_text`: its optimized HLO when already at hand (`kdjax.plan` has the TPU compiler write it out).
+    """
     flops, nbytes = _xla_costs(compiled)
-    return analyze_text(compiled.as_text(), flops, nbytes)
+    return analyze_text(hlo_text if hlo_text is not None else optimized_hlo_text(compiled), flops, nbytes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -763,7 +779,8 @@ def format_estimate(r: Roofline) -> list[str]:
     ]
 
 
-def estimate_step(compiled: Any, step: Any, generation: Optional[str], num_chips: int) -> Roofline:
+def estimate_step(compiled: Any, step: Any, generation: Optional[str], num_chips: int,
+                  hlo_text: Optional[str] = None) -> Roofline:
     """The roofline of a compiled `kdjax.distill.sharded.ShardedStep` (what `kdjax.plan` reports)."""
     import jax
 
@@ -773,4 +790,5 @@ def estimate_step(compiled: Any, step: Any, generation: Optional[str], num_chips
                                                                       step.abstract_state.modules))))
     model = model_flops(step.student_config, step.teacher_configs, batch_shape, step.terms,
                         trainable_params=trainable)
-    return estimate(analyze(compiled), chip_for(generation), num_chips, batch_shape[0] * batch_shape[1], model)
+    return estimate(analyze(compiled, hlo_text), chip_for(generation), num_chips, batch_shape[0] * batch_shape[1],
+                    model)
