@@ -18,9 +18,9 @@ default, its vocabulary over `tensor` too, so its [B, S, V] logits meet the teac
 layout. Mesh: `tensor` = 4 inside a chip group, `fsdp` takes the rest (-1). Layers are scanned; the
 student recomputes each layer in the backward pass (`remat_policy="full"`).
 
-Per-device totals measured with the defaults (batch 16 x 2048): v5p:2x2x2 44.18 GiB of 95 (fits),
-v5p:4x4x4 8.76 GiB, v4:4x4x4 9.24 GiB of 32 (fits); v5e:4x4 (16 GiB) and v6e:2x4 (32 GiB) do not fit
-(the TPU compiler asks for 22.75 / 40.68 GiB of temporaries); cpu:8 48.51 GiB: fits 80 GB, not 40 GB.
+Per-device totals measured with the defaults (batch 16 x 2048): v5p:2x2x2 42.08 GiB of 95 (fits),
+v5p:4x4x4 5.39 GiB, v4:4x4x4 5.54 GiB of 32 (fits); v5e:4x4 (16 GiB) and v6e:2x4 (32 GiB) do not fit
+(the TPU compiler asks for 21.54 / 39.81 GiB of temporaries); cpu:8 44.88 GiB: fits 80 GB, not 40 GB.
 
 Options (`:batch=16,seq=2048,tensor=4,remat=full,method=minillm,chunk=0`): global batch, sequence
 length, tensor-parallel width, the student's remat policy, the logit method (`minillm` reverse KL or
