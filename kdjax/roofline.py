@@ -574,26 +574,13 @@ def analyze_text(text: str, xla_flops: float, xla_bytes: float) -> HloCost:
                    xla_bytes=xla_bytes, collectives=tuple(collectives), loops=loops)
 
 
-def optimized_hlo_text(compiled: Any) -> str:
-    """The optimized HLO text of a compiled executable, as the compiler prints it.
-
-    `Compiled.as_text()` round-trips each module through its proto, which jaxlib's parser refuses for
-    some programs libtpu emits (an async-update with several operands); the runtime executable prints
-    the module directly, so it is asked first.
-    """
-    try:
-        return compiled.runtime_executable().get_hlo_text()
-    except (AttributeError, RuntimeError):
-        return compiled.as_text()
-
-
 def analyze(compiled: Any, hlo_text: Optional[str] = None) -> HloCost:
     """`HloCost` of a compiled executable (``jax.jit(f).lower(...).compile()``), per device.
 
     `hlo_text`: its optimized HLO when already at hand (`kdjax.plan` has the TPU compiler write it out).
     """
     flops, nbytes = _xla_costs(compiled)
-    return analyze_text(hlo_text if hlo_text is not None else optimized_hlo_text(compiled), flops, nbytes)
+    return analyze_text(hlo_text if hlo_text is not None else compiled.as_text(), flops, nbytes)
 
 
 # --------------------------------------------------------------------------------------------------

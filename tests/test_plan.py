@@ -171,7 +171,6 @@ def test_compiles_for_a_v5e_topology_without_a_tpu():
     assert r.memory.alias >= r.state_bytes_per_device and r.memory.argument >= r.input_bytes_per_device
 
 
-
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
 def test_tpu_plan_reads_the_hlo_the_compiler_wrote_and_survives_without_it(monkeypatch):
     """jaxlib cannot parse back some modules libtpu emits (`as_text()` fails on async-updates with several
@@ -203,6 +202,7 @@ def test_tpu_plan_reads_the_hlo_the_compiler_wrote_and_survives_without_it(monke
     assert r.roofline is None and r.fits and "RET_CHECK" in r.roofline_note
     text = P.format_result(r)
     assert "estimate:        no estimate: the optimized HLO could not be read" in text and "result:          FITS" in text
+
 
 def test_cpu_plans_do_not_count_bf16_layer_stacks_twice():
     """A deeper bf16 teacher adds its sharded weights to the arguments and nothing to the temporaries.
