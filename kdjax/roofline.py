@@ -23,7 +23,7 @@ the model configs (`model_flops`), not from what XLA runs (remat recomputation i
 
 Loops. XLA's `cost_analysis()` (CPU and TPU alike) counts a while loop's body once, whatever its trip
 count: a scanned 80-layer teacher would be costed as one layer. `analyze` parses the optimized HLO
-(`compiled.as_text()`), finds every loop's trip count (``known_trip_count`` in the loop's backend
+(`compiled.as_text()`, or the text `kdjax.plan` has the TPU compiler write), finds every loop's trip count (``known_trip_count`` in the loop's backend
 config, else the bound its condition compares the induction variable with) and adds the missing
 ``trip_count - 1`` executions of each body's FLOPs (matmuls exactly, element-wise ops and reductions
 at one per element, as XLA counts them) and HBM traffic; collectives are counted per execution from
