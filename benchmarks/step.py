@@ -290,15 +290,25 @@ def split_consistency(full_metrics, split_metrics, full_state, split_state) -> d
 
 def run_benchmark(config, *, batch_size: Optional[int] = None, seq_len: Optional[int] = None, repeats: int = 20,
                   warmup: int = 3, stage: int = 0, seed: int = 0, run=None,
-                  config_source: Optional[str] = None, torch_reference: bool = True) -> dict:
+                  config_source: Optional[str] = None, torch_reference: bool = True, profile: int = 0,
+                  profile_dir: Optional[str] = None) -> dict:
     """Time the full KD step, the teacher forward and the student step of `config`'s `stage` side by side.
 
     `batch_size`/`seq_len` default to the stage's data entry (`config.data[stage.data]`, else
     `config.data.train`). `run` reuses an existing `Distillation` of `config` (teachers already loaded).
     `config_source` (the config file and its overrides) is only recorded in the result.
+    `profile=N` traces N more calls of the full step after the timed rounds (into `profile_dir`) and
+    adds where their time went (`kdjax.profile`) to the result.
     Returns a JSON-ready dict (see `benchmarks/README.md` for each field).
     """
+    from kdjax import profile as profile_lib
     from kdjax.distill.run import Distillation, _cfg_get
+
+    if profile < 0:
+        raise ValueError(f"--profile takes a number of traced steps >= 0, got {profile}")
+    if profile:
+        jax.devices()
+        profile_lib.check_tracer()  # before minutes of timing, not after
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}; "
@@ -449,6 +459,14 @@ def run_benchmark(config, *, batch_size: Optional[int] = None, seq_len: Optional
         result["kdjax_over_torch_min"] = timings["torch_step"].min_s / full.min_s
     if torch_note:
         result["torch_note"] = torch_note
+    if profile:  # after the consistency check, which compares states that took the same number of steps
+        breakdown = profile_lib.profile_calls(
+            runner.step_fn, states["full_step"], teacher_params, batch, calls=profile,
+            directory=profile_dir or os.path.join("workdir", "bench", "profile"),
+            thread=lambda args, out: (out[0],) + tuple(args[1:]))
+        states["full_step"] = breakdown.last_args[0]
+        result["profile"] = breakdown.as_dict()
+        result["profile_table"] = profile_lib.format_breakdown(breakdown)
     return result
 
 
@@ -509,6 +527,9 @@ def format_report(result: Mapping[str, Any]) -> str:
                  f"(relative), final parameters to {c['final_params_max_abs_diff']:.1e} (absolute)")
     if "first_loss_torch" in c:
         lines.append(f"PyTorch check: first-step loss {c['first_loss_torch']:.7g} vs kdjax {c['first_loss_full']:.7g}")
+    if result.get("profile_table"):
+        lines += ["", f"where the full step's time goes (trace: {result['profile']['trace_dir']}):",
+                  result["profile_table"]]
     return "\n".join(lines)
 
 
@@ -540,6 +561,10 @@ def main(argv: Sequence[str]) -> dict:
     seed = flags.DEFINE_integer("seed", 0, "Seed of the synthetic batch.", flag_values=fv)
     torch_ref = flags.DEFINE_boolean("torch", True, "Also time the same step in PyTorch eager (benchmarks/"
                                      "torch_step.py) and probe the fp32 matmul peak.", flag_values=fv)
+    profile = flags.DEFINE_integer("profile", 0, "Trace this many more full steps after the timed rounds and "
+                                   "print where their time goes (kdjax.profile); 0: no trace.", flag_values=fv)
+    profile_dir = flags.DEFINE_string("profile_dir", os.path.join("workdir", "bench", "profile"),
+                                      "Where --profile writes its trace (for TensorBoard / XProf).", flag_values=fv)
     output = flags.DEFINE_string("output", os.path.join("workdir", "bench", "step.json"),
                                  "Where the JSON result goes ('' to skip).", flag_values=fv)
     try:
@@ -556,7 +581,7 @@ def main(argv: Sequence[str]) -> dict:
         source += " " + " ".join(f"--config.{k}={v}" for k, v in sorted(overrides.items()))
     result = run_benchmark(config_flag.value, batch_size=batch.value, seq_len=seq.value, repeats=repeats.value,
                            warmup=warmup.value, stage=stage.value, seed=seed.value, config_source=source,
-                           torch_reference=torch_ref.value)
+                           torch_reference=torch_ref.value, profile=profile.value, profile_dir=profile_dir.value)
     print(format_report(result))
     if output.value:
         report.write_json(output.value, result)
@@ -567,9 +592,10 @@ def main(argv: Sequence[str]) -> dict:
 if __name__ == "__main__":
     import logging
     logging.basicConfig(level=logging.WARNING)
+    from kdjax.profile import ProfileError
     try:
         main(sys.argv)
-    except ValueError as e:
+    except (ValueError, ProfileError) as e:
         if len(str(e).splitlines()) == 1:
             print(f"benchmarks/step.py: error: {e}", file=sys.stderr)
             sys.exit(2)

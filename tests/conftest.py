@@ -56,7 +56,7 @@ SLOW_MODULES = {
     "test_gkd_pd", "test_gkd_ckd", "test_gkd_universal_kd", "test_gkd_mgskd", "test_gkd_diito",
     "test_gkd_takd", "test_gkd_dgkd", "test_gkd_rl_kd", "test_benchmark_methods",
 }
-FULL_OPTIMIZATION_MODULES = {"test_engine_golden", "test_plan", "test_roofline", "test_scale_moe", "test_activation_sharding",
+FULL_OPTIMIZATION_MODULES = {"test_engine_golden", "test_plan", "test_profile", "test_roofline", "test_scale_moe", "test_activation_sharding",
                              "test_benchmarks", "test_benchmark_latency"}
 
 SLOW_TESTS = {

@@ -229,7 +229,7 @@ def terms_loss(ctx: TermContext, terms: Sequence[Term]) -> tuple[jax.Array, dict
     total = jnp.zeros((), jnp.float32)
     metrics: dict = {}
     for term in terms:
-        loss, m = registry.get(term.fn).apply(ctx, term)
+        loss, m = term_loss(term, ctx)
         weighted = ctx.schedule(term.weight) * loss
         total = total + weighted
         metrics = merge_metrics(metrics, m)
@@ -238,5 +238,7 @@ def terms_loss(ctx: TermContext, terms: Sequence[Term]) -> tuple[jax.Array, dict
 
 
 def term_loss(term: Term, ctx: TermContext) -> tuple[jax.Array, dict]:
-    """(unweighted loss, metrics) of one term."""
-    return registry.get(term.fn).apply(ctx, term)
+    """(unweighted loss, metrics) of one term, under the named scope `term_<name>` (profiles and HLO
+    metadata attribute its ops to it; `kdjax.profile`)."""
+    with jax.named_scope(f"term_{term.name}"):
+        return registry.get(term.fn).apply(ctx, term)
