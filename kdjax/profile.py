@@ -53,6 +53,7 @@ class Instruction:
     kind: str
     flops: float
     op_name: str
+    opcode: str = ""
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|[\w]+\[[\d,]*\](?:\{[^}]*\})?)\s+([\w\-]+)\((.*)$")
@@ -149,7 +150,7 @@ def instructions(hlo_text: str) -> dict[str, Instruction]:
             m = re.search(r'op_name="([^"]*)"', rest)
             op_name = m.group(1) if m else ""
             kind = "matmul" if flops > 0 else "other"
-            out[name] = Instruction(name, part_of(op_name), kind, flops, op_name)
+            out[name] = Instruction(name, part_of(op_name), kind, flops, op_name, opcode)
     return out
 
 
@@ -175,7 +176,7 @@ class Breakdown:
     top_ops: list[tuple[str, str, str, float, float]]  # (name, part, kind, seconds per call, flops)
     calls: int
     wall_s: Optional[float] = None  # measured seconds per call (None when not timed)
-    busy_s: float = 0.0  # per call: wall time during which at least one op ran
+    busy_s: float = 0.0  # per call: wall time charged to ops (one running, or a plain dot's pool tasks)
     trace_dir: Optional[str] = None
     last_args: Any = dataclasses.field(default=None, repr=False)  # `profile_calls`: the threaded arguments after
     # the traced calls (a donating step's live state)
@@ -195,13 +196,18 @@ class Breakdown:
                             for n, p, k, s, f in self.top_ops]}
 
 
-def _op_intervals(xplane_path: str, names: Mapping[str, Any]) -> tuple[list[list[tuple[int, int, str]]], bool]:
+# Events of the runtime itself: a call's window on the calling thread (XLA:CPU's thunk executor).
+_CALL_EVENT = "ThunkExecutor::Execute (wait for completion)"
+
+
+def _read_trace(xplane_path: str, names: Mapping[str, Any]) -> tuple[list[list[tuple[int, int, str]]],
+                                                                      list[tuple[int, int]], bool]:
     """Per trace line (thread or stream): the (start ns, end ns, name) of its events that name an op of
-    `names`, and whether the trace held any event at all."""
+    `names`; the windows of the traced calls where the runtime marks them; whether there was any event."""
     import jax
 
     data = jax.profiler.ProfileData.from_file(xplane_path)
-    lines, seen = [], False
+    lines, windows, seen = [], [], False
     for plane in data.planes:
         for line in plane.lines:
             ops = []
@@ -209,9 +215,11 @@ def _op_intervals(xplane_path: str, names: Mapping[str, Any]) -> tuple[list[list
                 seen = True
                 if event.name in names:
                     ops.append((event.start_ns, event.start_ns + event.duration_ns, event.name))
+                elif event.name == _CALL_EVENT:
+                    windows.append((event.start_ns, event.start_ns + event.duration_ns))
             if ops:
                 lines.append(ops)
-    return lines, seen
+    return lines, windows, seen
 
 
 def _innermost(ops: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
@@ -230,23 +238,40 @@ def _innermost(ops: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
     return out
 
 
-def _wall_shares(lines: list[list[tuple[int, int, str]]]) -> tuple[collections.Counter, int]:
+def _wall_shares(lines: list[list[tuple[int, int, str]]], *, windows: Sequence[tuple[int, int]] = (),
+                 asynchronous: Callable[[str], bool] = lambda name: False) -> tuple[collections.Counter, int]:
     """ns of wall time per op, each instant split equally between the ops running on all lines then, and
-    the ns during which at least one op ran."""
+    the ns charged in all.
+
+    Some ops only start their work on the runtime's threads and return (XLA:CPU runs a plain `dot`
+    through Eigen's thread pool, whose tasks carry no op event): a stretch inside a call's `windows` with
+    no op running is charged to the last such `asynchronous` op started before it. Stretches outside
+    the windows, or with no such op since the window opened, are charged to nothing (idle).
+    """
     points = []
     for ops in lines:
         for s, e, name in _innermost(ops):
             points += [(s, 1, name), (e, -1, name)]
     points.sort(key=lambda p: (p[0], p[1]))
+    windows = sorted(windows)
     shares: collections.Counter = collections.Counter()
     running: collections.Counter = collections.Counter()
-    busy, last = 0, None
+    busy, last, pending, w = 0, None, None, 0
     for t, delta, name in points:
         n = sum(running.values())
-        if last is not None and n and t > last:
-            for op, k in running.items():
-                shares[op] += (t - last) * k / n
-            busy += t - last
+        if last is not None and t > last:
+            if n:
+                for op, k in running.items():
+                    shares[op] += (t - last) * k / n
+                busy += t - last
+            elif pending is not None:  # nothing traced ran: the pending asynchronous op's work, within its call
+                while w < len(windows) and windows[w][1] <= last:
+                    w += 1
+                if w < len(windows) and windows[w][0] <= last and t <= windows[w][1] and pending[1] >= windows[w][0]:
+                    shares[pending[0]] += t - last
+                    busy += t - last
+        if delta > 0 and asynchronous(name):
+            pending = (name, t)
         running[name] += delta
         if running[name] == 0:
             del running[name]
@@ -260,19 +285,21 @@ def breakdown_from_trace(xplane_path: str, hlo_text: str, *, calls: int, wall_s:
 
     At every instant the wall time is split equally between the ops running then (on all threads or
     streams), so the rows add up to the time at least one op ran, and a dot that shared the cores with
-    another op is charged half of that time: its rate is what the machine did for it.
+    another op is charged half of that time: its rate is what the machine did for it. Time in which
+    only a plain `dot`'s thread-pool tasks ran (XLA:CPU traces its dispatch, not its work) is that
+    dot's; see `_wall_shares`.
     """
     if calls < 1:
         raise ValueError(f"calls must be >= 1, got {calls}")
     table = instructions(hlo_text)
-    lines, seen_any = _op_intervals(xplane_path, table)
+    lines, windows, seen_any = _read_trace(xplane_path, table)
     if not seen_any:
         raise ProfileError(f"{xplane_path} holds no events; was anything run while tracing?")
     if not lines:
         raise ProfileError(f"no event of {xplane_path} names an instruction of the given program; trace the "
                            "same compiled function whose HLO text you pass")
     runs = collections.Counter(name for ops in lines for _, _, name in ops)
-    shares, busy = _wall_shares(lines)
+    shares, busy = _wall_shares(lines, windows=windows, asynchronous=lambda name: table[name].opcode == "dot")
     sums: dict[tuple[str, str], list[float]] = {(p, k): [0.0, 0.0] for p in PARTS for k in KINDS}
     for name, ns in shares.items():
         ins = table[name]

@@ -40,7 +40,9 @@ def _init(config: ModelConfig):
 
 def _act(name: str, x: Array) -> Array:
     if name == "gelu":
-        return jax.nn.gelu(x, approximate=False)
+        # Exact GELU in BERT's own form, x/2 · (1 + erf(x/√2)): on the CPU, XLA's erf is one polynomial, about
+        # half the cost of the erfc that jax.nn.gelu(approximate=False) evaluates (forward and gradient).
+        return x * (0.5 + 0.5 * jax.lax.erf(x * 0.7071067811865476))
     if name == "gelu_new":
         return jax.nn.gelu(x, approximate=True)
     if name == "relu":
