@@ -63,6 +63,11 @@ def test_wall_time_is_split_between_ops_running_together_and_given_to_the_innerm
     # A loop op's event contains its body's: the body is charged for its own span, the loop for the rest.
     shares, busy = profile_lib._wall_shares([[(0, 100, "while"), (10, 60, "body"), (200, 210, "after")]])
     assert shares == {"while": 50, "body": 50, "after": 10} and busy == 110
+    # A plain dot returns after handing its work to the thread pool: the untraced stretch after it, inside
+    # the call's window, is its work; a stretch after the window closed (between calls) is nobody's.
+    lines = [[(0, 1, "dot"), (20, 30, "add"), (60, 70, "dot")]]
+    shares, busy = profile_lib._wall_shares(lines, windows=[(0, 40), (60, 75)], asynchronous=lambda n: n == "dot")
+    assert shares == {"dot": 1 + 19 + 10, "add": 10} and busy == 40
 
 
 def test_profile_calls_traces_and_attributes_a_real_run(tmp_path):
