@@ -179,6 +179,10 @@ SCHEMA = Section({
         "checkpoint_every": Field(int, 100, check=_positive),
         "keep_checkpoints": Field(int, 3, check=_positive),
         "async_checkpointing": Field(bool, True),
+        "profile_steps": Field(int, 0, check=_non_negative,
+                               doc="trace this many steps into <workdir>/profile (TensorBoard / XProf); 0: none"),
+        "profile_start": Field(int, 3, check=_non_negative,
+                               doc="global step after which the trace starts (past the compiling first steps)"),
     }),
     "mesh": Section({
         "axes": Field(tuple, ("data", "fsdp", "tensor")),

@@ -32,7 +32,7 @@ import glob
 import os
 import re
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 PARTS = ("teacher", "student forward", "student backward", "loss terms", "optimizer and other")
 KINDS = ("matmul", "other")

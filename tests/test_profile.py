@@ -133,3 +133,21 @@ def test_check_tracer_refuses_where_libtpu_would_crash_a_cpu_trace(monkeypatch):
 def test_breakdown_rejects_text_that_is_no_hlo_module():
     with pytest.raises(profile_lib.ProfileError, match="no HLO computations"):
         profile_lib.instructions("not an HLO module")
+
+
+def test_training_traces_the_configured_steps_into_the_workdir(tmp_path, caplog):
+    import logging
+
+    from kdjax.distill.run import Distillation
+
+    teacher_dir = save_teacher(tiny_teacher(layers=2, hidden=32), str(tmp_path / "t"))
+    config = tiny_config(teacher_dir, method="kd", student_layers=1, steps=4, profile_steps=2, profile_start=1)
+    with caplog.at_level(logging.INFO, logger="kdjax"):
+        Distillation(config).fit(str(tmp_path / "run"))
+    traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1
+    # The traced steps ran the step program: its ops are in the trace.
+    names = {e.name for p in jax.profiler.ProfileData.from_file(str(traces[0])).planes for line in p.lines
+             for e in line.events}
+    assert any(n.startswith(("fusion", "dot", "ynn_fusion", "loop_")) for n in names)
+    assert "profile of steps 2-3 written under" in caplog.text

@@ -394,6 +394,47 @@ class ProgressHook(Hook):
         self.bar.close()
 
 
+class ProfileHook(Hook):
+    """Trace global steps (start, start + steps] into `directory` with `jax.profiler` (TensorBoard / XProf).
+
+    The trace starts after step `start` has been dispatched and stops once step `start + steps` is done,
+    so with `start` past the first (compiling) steps it holds steady-state steps only. Refused up front
+    where a trace would crash the process (`kdjax.profile.check_tracer`).
+    """
+
+    def __init__(self, start: int, steps: int, directory: str):
+        from kdjax import profile as profile_lib
+
+        profile_lib.check_tracer()
+        self.start, self.steps, self.directory = start, steps, directory
+        self.active = False
+
+    def on_start(self, loop):
+        if loop.global_step > self.start:
+            log.warning("resumed at step %d, past train.profile_start=%d: nothing will be traced; set a later "
+                        "train.profile_start", loop.global_step, self.start)
+
+    def on_step(self, loop, metrics):
+        if not self.active and loop.global_step == self.start:
+            jax.block_until_ready(loop.state)  # the trace holds whole steps
+            fileio.makedirs(self.directory)
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+        elif self.active and loop.global_step >= self.start + self.steps:
+            self._stop(loop)
+
+    def on_end(self, loop):
+        if self.active:  # the run ended (or was interrupted) inside the traced steps
+            self._stop(loop)
+
+    def _stop(self, loop):
+        jax.block_until_ready(loop.state)
+        jax.profiler.stop_trace()
+        self.active = False
+        log.info("profile of steps %d-%d written under %s (tensorboard --logdir %s)", self.start + 1,
+                 loop.global_step, self.directory, self.directory)
+
+
 @contextlib.contextmanager
 def _stop_on_sigint(loop: Loop):
     """While training, Ctrl-C sets `loop.stop` (the step in flight finishes, then a checkpoint is saved)."""
@@ -483,6 +524,9 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None, progress: Optiona
     metrics_log = metrics_hook.log = MetricsLog(workdir, resume_from_global_step=loop.ckpt.latest() or 0)
     hooks += [EvalHook(int(get("train.eval_every")), seed, metrics_log), ProgressHook(
         progress if progress is not None else jax.process_index() == 0)]
+    if int(get("train.profile_steps")):
+        hooks.append(ProfileHook(int(get("train.profile_start")), int(get("train.profile_steps")),
+                                 fileio.join(workdir, "profile")))
     hooks.append(CheckpointHook(ckpt_every, hooks))  # last: saves what the other hooks have updated
     _log_parameters(run)
     loop.global_step = int(offsets[start_stage] + start_step)
