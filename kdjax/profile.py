@@ -11,7 +11,7 @@ of the compiled program is attributed to
   the step is built with (`kdjax.distill.step`): `teacher` (`teacher_<name>/`), `loss terms`
   (`term_<name>/`, forward and backward), `student backward` (`transpose(jvp(...))`), `student
   forward` (the rest under `jvp(...)`) and `optimizer and other` (the update, metrics, casts);
-- a **kind**: `matmul` (a dot or convolution, or a fusion that contains one) or `other`
+- a **kind**: `matmul` (a dot, or a fusion that contains one) or `other`
   (elementwise, reductions, copies, scatters);
 
 and to the FLOPs of its dots (2 · output elements · contracted size), so each row also says at what
@@ -84,30 +84,23 @@ def _parse_computations(hlo_text: str) -> dict[str, list[tuple[str, str, str, st
     return comps
 
 
-def _one_dot_flops(shape: str, opcode: str, rest: str, shapes: Mapping[str, str]) -> float:
-    """FLOPs of one dot or convolution: 2 · output elements · contracted size (`shapes`: its computation's)."""
+def _one_dot_flops(shape: str, rest: str, shapes: Mapping[str, str]) -> float:
+    """FLOPs of one dot: 2 · output elements · contracted size (`shapes`: those of its computation)."""
     operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
-    out = 1
+    lhs = _dims(shapes.get(operands[0], "")) if operands else []
+    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+    out, k = 1, 1
     for d in _dims(shape):
         out *= d
-    k = 1
-    if opcode == "dot":
-        lhs = _dims(shapes.get(operands[0], "")) if operands else []
-        m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-        for i in (m.group(1).split(",") if m and m.group(1) else []):
-            k *= lhs[int(i)] if int(i) < len(lhs) else 1
-    else:  # convolution: each output element reads the kernel's spatial and input-feature extent
-        rhs = _dims(shapes.get(operands[1], "")) if len(operands) > 1 else []
-        for d in rhs[:-1]:
-            k *= d
+    for i in (m.group(1).split(",") if m and m.group(1) else []):
+        k *= lhs[int(i)] if int(i) < len(lhs) else 1
     return 2.0 * out * k
 
 
 def _dot_flops(instrs: Sequence[tuple[str, str, str, str]]) -> float:
     """FLOPs of the dots among `instrs` (one computation)."""
     shapes = {name: shape for name, shape, _, _ in instrs}
-    return sum(_one_dot_flops(shape, opcode, rest, shapes)
-               for _, shape, opcode, rest in instrs if opcode in ("dot", "convolution"))
+    return sum(_one_dot_flops(shape, rest, shapes) for _, shape, opcode, rest in instrs if opcode == "dot")
 
 
 def part_of(op_name: str) -> str:
@@ -133,7 +126,17 @@ def instructions(hlo_text: str) -> dict[str, Instruction]:
     if not comps:
         raise ProfileError("no HLO computations found in the program text; pass the optimized HLO of the "
                            "traced program (`jit(f).lower(...).compile().as_text()`)")
-    own = {c: _dot_flops(instrs) for c, instrs in comps.items()}
+    own: dict[str, float] = {}
+
+    def fused_flops(comp: str) -> float:  # the dots of a fused computation and of fusions nested in it
+        if comp not in own:
+            own[comp] = 0.0  # (a cycle cannot occur in HLO; this only guards the recursion)
+            instrs = comps.get(comp, [])
+            own[comp] = _dot_flops(instrs) + sum(
+                fused_flops(c) for _, _, opcode, rest in instrs if opcode == "fusion"
+                for c in re.findall(r"calls=%?([\w.\-]+)", rest))
+        return own[comp]
+
     # A fusion's body runs as the fusion: its instructions never run (or appear in a trace) on their own.
     fused = {c for instrs in comps.values() for _, _, opcode, rest in instrs if opcode == "fusion"
              for c in re.findall(r"calls=%?([\w.\-]+)", rest)}
@@ -143,10 +146,11 @@ def instructions(hlo_text: str) -> dict[str, Instruction]:
             continue
         shapes = {name: shape for name, shape, _, _ in instrs}
         for name, shape, opcode, rest in instrs:
-            called = re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", rest)
-            flops = sum(own.get(c, 0.0) for c in called) if opcode in ("fusion", "call", "custom-call") else 0.0
-            if opcode in ("dot", "convolution"):
-                flops = _one_dot_flops(shape, opcode, rest, shapes)
+            flops = 0.0
+            if opcode == "fusion":
+                flops = sum(fused_flops(c) for c in re.findall(r"calls=%?([\w.\-]+)", rest))
+            elif opcode == "dot":
+                flops = _one_dot_flops(shape, rest, shapes)
             m = re.search(r'op_name="([^"]*)"', rest)
             op_name = m.group(1) if m else ""
             kind = "matmul" if flops > 0 else "other"
@@ -330,8 +334,9 @@ def check_tracer() -> None:
     except Exception:  # a JAX without these internals: nothing to guard
         return
     if not platforms and tried_tpu and initialized and "tpu" not in initialized:
-        raise ProfileError("cannot trace on the CPU while libtpu is installed without a TPU (its profiler "
-                           "plugin crashes the process); rerun with JAX_PLATFORMS=cpu")
+        raise ProfileError("cannot trace while libtpu is installed but no TPU is attached (its profiler plugin "
+                           "crashes the process); rerun with JAX_PLATFORMS naming your platform, e.g. "
+                           "JAX_PLATFORMS=cpu")
 
 
 def profile_calls(fn: Callable, *args, calls: int = 3, directory: str, hlo_text: Optional[str] = None,
