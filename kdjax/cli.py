@@ -26,7 +26,7 @@ EXIT_INTERRUPTED = 130
 #: Exceptions whose message is meant for the user (matched by class name: their modules import jax).
 USER_ERRORS = ("ConfigError", "ConfigFieldError", "InputError", "WorkdirError", "MethodError", "MatchingError",
                "CheckpointError", "NonFiniteLossError", "DatasetNotPreparedError", "TapError", "UnknownTaskError",
-               "MeshError", "ShardingError", "DataError", "PlanError", "UsageError")
+               "MeshError", "ShardingError", "DataError", "PlanError", "UsageError", "ProfileError")
 
 
 def is_user_error(e: BaseException) -> bool:

@@ -124,10 +124,12 @@ def test_check_tracer_refuses_where_libtpu_would_crash_a_cpu_trace(monkeypatch):
     platforms = jax.config.jax_platforms
     jax.config.update("jax_platforms", "")
     try:
-        with pytest.raises(profile_lib.ProfileError, match="JAX_PLATFORMS=cpu"):
+        with pytest.raises(profile_lib.ProfileError, match="JAX_PLATFORMS=cpu") as refused:
             profile_lib.check_tracer()
     finally:
         jax.config.update("jax_platforms", platforms)
+    from kdjax.cli import is_user_error
+    assert is_user_error(refused.value)  # the CLIs print it as one line, no traceback
 
 
 def test_breakdown_rejects_text_that_is_no_hlo_module():
