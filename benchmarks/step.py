@@ -307,7 +307,6 @@ def run_benchmark(config, *, batch_size: Optional[int] = None, seq_len: Optional
     if profile < 0:
         raise ValueError(f"--profile takes a number of traced steps >= 0, got {profile}")
     if profile:
-        jax.devices()
         profile_lib.check_tracer()  # before minutes of timing, not after
 
     if repeats < 1 or warmup < 0:

@@ -327,6 +327,7 @@ def check_tracer() -> None:
     import jax
     from jax._src import xla_bridge
 
+    jax.devices()  # the backends are set up (and the TPU plugin tried) on first use
     try:
         platforms = jax.config.jax_platforms
         tried_tpu = "tpu" in getattr(xla_bridge, "_backend_factories", {})
