@@ -317,27 +317,40 @@ def breakdown_from_trace(xplane_path: str, hlo_text: str, *, calls: int, wall_s:
                      trace_dir=os.path.dirname(xplane_path))
 
 
+def libtpu_loaded() -> bool:
+    """Whether libtpu is mapped into this process (Linux; False where that cannot be read)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libtpu" in line for line in maps)
+    except OSError:
+        return False
+
+
 def check_tracer() -> None:
     """Raise `ProfileError` where starting a trace would crash the process.
 
-    When libtpu is installed (the AOT planner needs it) but no TPU is attached, JAX still loads libtpu's
-    plugin while looking for a TPU, and that plugin's profiler crashes a CPU trace (a segmentation fault,
-    not an exception). Restricting JAX to the CPU before it starts keeps the plugin out.
+    Once libtpu is loaded into a process without a TPU backend, its profiler plugin crashes every trace
+    (a segmentation fault, not an exception). It gets loaded in two ways: JAX loads it while looking
+    for a TPU when `JAX_PLATFORMS` is unset and libtpu is installed (the AOT planner needs it), and
+    compiling a TPU plan (`kdjax.plan`, `jax.experimental.topologies`) loads it too. A fresh process
+    with `JAX_PLATFORMS` naming the platform, and no TPU plan compiled before the trace, is safe.
     """
     import jax
     from jax._src import xla_bridge
 
     jax.devices()  # the backends are set up (and the TPU plugin tried) on first use
     try:
-        platforms = jax.config.jax_platforms
-        tried_tpu = "tpu" in getattr(xla_bridge, "_backend_factories", {})
-        initialized = getattr(xla_bridge, "_backends", {})
-    except Exception:  # a JAX without these internals: nothing to guard
+        initialized = dict(getattr(xla_bridge, "_backends", {}))
+        tried_tpu = not jax.config.jax_platforms and "tpu" in getattr(xla_bridge, "_backend_factories", {})
+    except Exception:  # a JAX without these internals: rely on the process map alone
+        initialized, tried_tpu = {}, False
+    if "tpu" in initialized:  # a real TPU: the plugin is the backend's own profiler
         return
-    if not platforms and tried_tpu and initialized and "tpu" not in initialized:
-        raise ProfileError("cannot trace while libtpu is installed but no TPU is attached (its profiler plugin "
-                           "crashes the process); rerun with JAX_PLATFORMS naming your platform, e.g. "
-                           "JAX_PLATFORMS=cpu")
+    if tried_tpu or libtpu_loaded():
+        raise ProfileError("cannot trace: libtpu is loaded in this process but no TPU is attached, and its "
+                           "profiler plugin crashes the process; profile in a fresh process with "
+                           "JAX_PLATFORMS naming your platform (e.g. JAX_PLATFORMS=cpu) and no TPU plan "
+                           "compiled before the trace")
 
 
 def profile_calls(fn: Callable, *args, calls: int = 3, directory: str, hlo_text: Optional[str] = None,

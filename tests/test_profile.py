@@ -1,5 +1,9 @@
 """kdjax.profile: a traced step's time attributed to teacher, student forward/backward, loss terms and optimizer."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +13,23 @@ from kdjax import profile as profile_lib
 from tests.distill_fixtures import save_teacher, tiny_config, tiny_teacher
 
 M, K, N = 64, 48, 40
+TRACING = {"test_profile_calls_traces_and_attributes_a_real_run", "test_kd_step_profile_counts_the_teacher_flops_of_its_architecture",
+           "test_training_traces_the_configured_steps_into_the_workdir", "test_benchmark_step_profile_reports_the_split"}
+CHILD = "KDJAX_PROFILE_TEST_CHILD"
+
+
+@pytest.fixture(autouse=True)
+def _trace_in_a_process_without_libtpu(request):
+    """A test that traces runs in a fresh process when this one has libtpu loaded (a test file before it
+    in this worker compiled a TPU plan): tracing here would crash the worker (`check_tracer`)."""
+    if request.node.originalname not in TRACING or os.environ.get(CHILD) or not profile_lib.libtpu_loaded():
+        yield
+        return
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                          cwd=str(request.config.rootpath), env={**os.environ, CHILD: "1"},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    pytest.skip("passed in a fresh process (this one has libtpu loaded)")  # the result is the child's
 
 
 def _scoped_step(x, w_teacher, w_student):
@@ -118,7 +139,8 @@ def test_kd_step_profile_counts_the_teacher_flops_of_its_architecture(tmp_path):
 def test_check_tracer_refuses_where_libtpu_would_crash_a_cpu_trace(monkeypatch):
     from jax._src import xla_bridge
 
-    profile_lib.check_tracer()  # the suite runs with JAX_PLATFORMS=cpu: tracing is safe
+    if not profile_lib.libtpu_loaded():  # a TPU plan compiled earlier in this worker loads it
+        profile_lib.check_tracer()  # the suite runs with JAX_PLATFORMS=cpu: tracing is safe
     # As without JAX_PLATFORMS on a machine with libtpu and no TPU: the TPU plugin was tried, only the CPU came up.
     monkeypatch.setitem(xla_bridge._backend_factories, "tpu", object())
     platforms = jax.config.jax_platforms
@@ -153,3 +175,39 @@ def test_training_traces_the_configured_steps_into_the_workdir(tmp_path, caplog)
              for e in line.events}
     assert any(n.startswith(("fusion", "dot", "ynn_fusion", "loop_")) for n in names)
     assert "profile of steps 2-3 written under" in caplog.text
+
+
+def test_benchmark_step_profile_reports_the_split(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "kdjax_bench_step_profile", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "step.py"))
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    teacher = save_teacher(tiny_teacher(head="base", layers=6, hidden=48, heads=12), str(tmp_path / "t"))
+    out = tmp_path / "step.json"
+    bench.main(["step.py", f"--config={bench.DEFAULT_CONFIG}:steps=10", f"--config.teacher.path={teacher}",
+                "--batch=4", "--seq=16", "--repeats=1", "--warmup=0", "--torch=false", f"--output={out}",
+                "--profile=2", f"--profile_dir={tmp_path / 'profile'}"])
+    import json
+    prof = json.loads(out.read_text())["profile"]
+    assert prof["calls"] == 2 and 0 < prof["busy_s"] <= prof["wall_s"] * 1.01
+    parts = {r["part"] for r in prof["rows"]}
+    assert {"teacher", "student forward", "student backward", "loss terms", "optimizer and other"} <= parts
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+    printed = capsys.readouterr().out
+    assert "where the full step's time goes" in printed and "| student backward |" in printed
+
+
+def test_check_tracer_refuses_once_a_tpu_plan_loaded_libtpu():
+    # In a fresh process restricted to the CPU: tracing is allowed until a TPU topology loads libtpu.
+    code = ("from kdjax.profile import check_tracer, ProfileError\n"
+            "check_tracer()\n"
+            "from jax.experimental import topologies\n"
+            "topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2')\n"
+            "try:\n    check_tracer()\nexcept ProfileError as e:\n    print('refused:', e)\n")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: cannot trace: libtpu is loaded in this process" in done.stdout
