@@ -67,6 +67,9 @@ SLOW_TESTS = {
     "test_evaluate.py": {"test_cli_evaluates_a_run_from_config_and_checkpoint", "test_cli_task_mode_prints_metrics_json"},
     "test_benchmark_latency.py": {"test_cli_prints_both_batch_sizes_and_json_is_consistent",
                                   "test_real_teacher_against_two_layer_student"},
+    "test_profile.py": {"test_benchmark_step_profile_reports_the_split",
+                        "test_kd_step_profile_counts_the_teacher_flops_of_its_architecture",
+                        "test_training_traces_the_configured_steps_into_the_workdir"},
 }
 
 
