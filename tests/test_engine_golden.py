@@ -34,6 +34,11 @@ TOLERANCE = 2e-5
 # Parameter fingerprints of recipes whose gradients are mostly rounding noise (GLMD's near-zero loss, key
 # biases) also differ between test processes by up to ~5e-5: they are compared at 1e-4.
 PARAM_TOLERANCE = 1e-4
+# GLMD's student starts as a copy of its teacher, so its loss is ~1e-5 and both of its Adam steps normalize
+# float32 rounding noise: its parameter fingerprints are reproducible in a process of their own (to 2e-7)
+# but moved by 2.3e-4 (the embedding table's sum) when the module ran inside the full suite after the
+# exact GELU changed form. Its metrics are still compared at TOLERANCE.
+NOISE_PARAM_TOLERANCE = {"glmd": 1e-3}
 
 
 def fingerprint(params) -> dict:
@@ -97,4 +102,4 @@ def test_recipe_matches_golden(name, teachers):
         assert set(got["params"]) == set(want["params"])
         for leaf, values in want["params"].items():
             for a, b in zip(got["params"][leaf], values):
-                _close(a, b, f"{name} stage {s} param {leaf}", PARAM_TOLERANCE)
+                _close(a, b, f"{name} stage {s} param {leaf}", NOISE_PARAM_TOLERANCE.get(name, PARAM_TOLERANCE))
