@@ -11,10 +11,10 @@ of the compiled program is attributed to
   the step is built with (`kdjax.distill.step`): `teacher` (`teacher_<name>/`), `loss terms`
   (`term_<name>/`, forward and backward), `student backward` (`transpose(jvp(...))`), `student
   forward` (the rest under `jvp(...)`) and `optimizer and other` (the update, metrics, casts);
-- a **kind**: `matmul` (a dot, or a fusion that contains one) or `other`
+- a **kind**: `matmul` (a dot or convolution, or a fusion that contains one) or `other`
   (elementwise, reductions, copies, scatters);
 
-and to the FLOPs of its dots (2 · output elements · contracted size), so each row also says at what
+and to the FLOPs of its matmuls (counted as `kdjax.roofline` counts them), so each row also says at what
 rate its matmuls ran. XLA names a fusion after its root op, so a fusion of a loss term's first ops into
 the student's last ones is charged to the part of whichever op it ends with.
 
@@ -56,53 +56,6 @@ class Instruction:
     opcode: str = ""
 
 
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|[\w]+\[[\d,]*\](?:\{[^}]*\})?)\s+([\w\-]+)\((.*)$")
-_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-
-
-def _dims(shape: str) -> list[int]:
-    m = re.match(r"\w+\[([\d,]*)\]", shape)
-    return [int(d) for d in m.group(1).split(",") if d] if m else []
-
-
-def _parse_computations(hlo_text: str) -> dict[str, list[tuple[str, str, str, str]]]:
-    """{computation: [(instruction, shape, opcode, rest of line)]} of an HLO module's text."""
-    comps: dict[str, list] = {}
-    current = None
-    for line in hlo_text.splitlines():
-        if not line.startswith(" "):
-            m = _COMP.match(line)
-            current = m.group(1) if m else None
-            if current is not None:
-                comps[current] = []
-            continue
-        if current is None:
-            continue
-        m = _INSTR.match(line)
-        if m:
-            comps[current].append(m.groups())
-    return comps
-
-
-def _one_dot_flops(shape: str, rest: str, shapes: Mapping[str, str]) -> float:
-    """FLOPs of one dot: 2 · output elements · contracted size (`shapes`: those of its computation)."""
-    operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
-    lhs = _dims(shapes.get(operands[0], "")) if operands else []
-    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-    out, k = 1, 1
-    for d in _dims(shape):
-        out *= d
-    for i in (m.group(1).split(",") if m and m.group(1) else []):
-        k *= lhs[int(i)] if int(i) < len(lhs) else 1
-    return 2.0 * out * k
-
-
-def _dot_flops(instrs: Sequence[tuple[str, str, str, str]]) -> float:
-    """FLOPs of the dots among `instrs` (one computation)."""
-    shapes = {name: shape for name, shape, _, _ in instrs}
-    return sum(_one_dot_flops(shape, rest, shapes) for _, shape, opcode, rest in instrs if opcode == "dot")
-
-
 def part_of(op_name: str) -> str:
     """The part of a KD step an instruction belongs to, from its `op_name` (the scopes of the step)."""
     if "/teacher_" in op_name or op_name.startswith("teacher_"):
@@ -117,44 +70,47 @@ def part_of(op_name: str) -> str:
 
 
 def instructions(hlo_text: str) -> dict[str, Instruction]:
-    """Every instruction of an optimized HLO module that runs on its own, by name: its part, kind and dot FLOPs.
+    """Every instruction of an optimized HLO module that runs on its own, by name: its part, kind and matmul FLOPs.
 
-    A fusion counts the dots of the computation it calls, so a fused matmul is one `matmul` instruction
-    with its FLOPs; the fused computations' own instructions are not listed.
+    The text is read by `kdjax.roofline`'s HLO parser and its dots and convolutions are counted by the same
+    code as the roofline's. A fusion counts the matmuls of the computation it calls (and of fusions nested
+    in it), so a fused matmul is one `matmul` instruction with its FLOPs; the fused computations' own
+    instructions are not listed.
     """
-    comps = _parse_computations(hlo_text)
+    from kdjax import roofline
+
+    module = roofline.parse_hlo(hlo_text)
+    comps = module.computations
     if not comps:
         raise ProfileError("no HLO computations found in the program text; pass the optimized HLO of the "
                            "traced program (`jit(f).lower(...).compile().as_text()`)")
+    local = {c: module.by_name(c) for c in comps}
+
+    def matmul_flops(ins, comp: str) -> float:
+        if ins.opcode == "fusion":
+            return sum(fused_flops(c) for _, c in roofline._called(ins))
+        return roofline._dot_flops(ins, local[comp])
+
     own: dict[str, float] = {}
 
-    def fused_flops(comp: str) -> float:  # the dots of a fused computation and of fusions nested in it
+    def fused_flops(comp: str) -> float:
         if comp not in own:
             own[comp] = 0.0  # (a cycle cannot occur in HLO; this only guards the recursion)
-            instrs = comps.get(comp, [])
-            own[comp] = _dot_flops(instrs) + sum(
-                fused_flops(c) for _, _, opcode, rest in instrs if opcode == "fusion"
-                for c in re.findall(r"calls=%?([\w.\-]+)", rest))
+            own[comp] = sum(matmul_flops(ins, comp) for ins in comps.get(comp, []))
         return own[comp]
 
     # A fusion's body runs as the fusion: its instructions never run (or appear in a trace) on their own.
-    fused = {c for instrs in comps.values() for _, _, opcode, rest in instrs if opcode == "fusion"
-             for c in re.findall(r"calls=%?([\w.\-]+)", rest)}
+    fused = {c for instrs in comps.values() for ins in instrs if ins.opcode == "fusion" for _, c in roofline._called(ins)}
     out: dict[str, Instruction] = {}
     for comp, instrs in comps.items():
         if comp in fused:
             continue
-        shapes = {name: shape for name, shape, _, _ in instrs}
-        for name, shape, opcode, rest in instrs:
-            flops = 0.0
-            if opcode == "fusion":
-                flops = sum(fused_flops(c) for c in re.findall(r"calls=%?([\w.\-]+)", rest))
-            elif opcode == "dot":
-                flops = _one_dot_flops(shape, rest, shapes)
-            m = re.search(r'op_name="([^"]*)"', rest)
+        for ins in instrs:
+            flops = matmul_flops(ins, comp)
+            m = re.search(r'op_name="([^"]*)"', ins.attrs)
             op_name = m.group(1) if m else ""
-            kind = "matmul" if flops > 0 else "other"
-            out[name] = Instruction(name, part_of(op_name), kind, flops, op_name, opcode)
+            out[ins.name] = Instruction(ins.name, part_of(op_name), "matmul" if flops > 0 else "other", flops,
+                                        op_name, ins.opcode)
     return out
 
 
